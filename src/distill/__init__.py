@@ -1,0 +1,3 @@
+"""Distill: teacher -> student distillation for language models, end to end."""
+
+__version__ = "0.1.0"

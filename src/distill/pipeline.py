@@ -1,0 +1,269 @@
+"""`distill run`: the stages in order, in one run folder, skipping what is already done.
+
+    prepare   read the job, the prompts and the teacher (all input checked before anything is written)
+    generate  the teacher answers every prompt           -> runs/NAME/synthetic/part-*.jsonl
+    split     filter the answers, split 80/10/10          -> runs/NAME/data_summary.json
+    train     build the student, distil it                -> runs/NAME/student/, training_log.jsonl
+    evaluate  teacher vs student vs baselines             -> runs/NAME/metrics.json
+    report                                                -> runs/NAME/report.md, report.html
+
+Each stage is also a function of its own (and a CLI command); a rerun resumes generation where it
+stopped, reuses finished data and a trained student, and resumes training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from distill.config import JobConfig
+from distill.data.filters import filter_completions
+from distill.data.formats import load_prompts
+from distill.data.presets import get_preset
+from distill.data.splits import assign_splits, split_records
+from distill.data.store import CompletionStore, record_from
+from distill.errors import DistillError, GateFailed
+from distill.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from distill.models import count_parameters, load_model
+from distill.student import build_student
+from distill.teachers.base import GenerationParams, Prompt, Teacher
+from distill.teachers.local import LocalTeacher
+from distill.train.data import encode_records
+from distill.train.trainer import train_student
+
+log = logging.getLogger("distill")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+    )
+
+
+@dataclass
+class Run:
+    """What the stages share: the job, its folder, loaded models and per-stage timings."""
+
+    job: JobConfig
+    prompts: list[Prompt]
+    teacher_model: object | None = None
+    teacher_tokenizer: object | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.job.run_dir
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def prepare(job: JobConfig) -> Run:
+    """Check every input (prompts, teacher) before the run folder is touched."""
+    t0 = time.perf_counter()
+    prompts = load_prompts(
+        job.resolve(job.data.prompts), columns=job.data.columns or None, task=job.data.task,
+        limit=job.data.limit, system_prompt=job.teacher.system_prompt,
+    )
+    if len(prompts) < 3:
+        raise DistillError(f"{job.data.prompts}: {len(prompts)} prompts; at least 3 are needed to split the data")
+    run = Run(job=job, prompts=prompts)
+    if job.teacher.backend == "local":
+        run.teacher_model, run.teacher_tokenizer = load_model(
+            job.teacher.model, dtype=job.teacher.dtype, device=job.teacher.device,
+            trust_remote_code=job.teacher.trust_remote_code,
+        )
+        log.info("teacher %s: %s parameters", job.teacher.model, f"{count_parameters(run.teacher_model):,}")
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.dir / "job.yaml", yaml.safe_dump(job.model_dump(mode="json", by_alias=True), sort_keys=False))
+    run.stage("prepare", time.perf_counter() - t0)
+    return run
+
+
+def make_teacher(run: Run) -> Teacher:
+    cfg = run.job.teacher
+    if cfg.backend == "local":
+        return LocalTeacher(run.teacher_model, run.teacher_tokenizer, name=cfg.model, system_prompt=cfg.system_prompt)
+    if cfg.backend == "openai":
+        from distill.teachers.openai_api import OpenAITeacher
+
+        return OpenAITeacher(cfg.model, cfg.api, system_prompt=cfg.system_prompt)
+    from distill.teachers.vllm_teacher import VLLMTeacher
+
+    return VLLMTeacher(cfg.model, system_prompt=cfg.system_prompt, dtype=cfg.dtype,
+                       trust_remote_code=cfg.trust_remote_code)
+
+
+def generate(run: Run) -> CompletionStore:
+    """The teacher answers every prompt `n` times; finished answers are kept across interruptions."""
+    t0 = time.perf_counter()
+    job = run.job
+    params = GenerationParams.from_config(job.generation)
+    meta = {"teacher": job.teacher.model, "system_prompt": job.teacher.system_prompt, "params": params.as_dict(),
+            "prompts": _fingerprint([p.messages for p in run.prompts])}
+    store = CompletionStore(run.dir / "synthetic")
+    if not store.matches(meta):
+        if store.done_ids():
+            raise DistillError(
+                f"{store.path}: holds answers made with other settings (teacher, generation or prompts changed). "
+                f"Use a new `name:` for this job, or delete that folder to regenerate."
+            )
+        store.write_meta(meta)
+    done = store.done_ids()
+    todo = [p for p in run.prompts if any(f"{p.id}-{s}" not in done for s in range(params.n))]
+    total = len(run.prompts) * params.n
+    if not todo:
+        log.info("generate: reusing %d finished answers in %s", len(done), store.path)
+        run.stage("generate", time.perf_counter() - t0)
+        return store
+    if done:
+        log.info("generate: resuming; %d of %d answers already done", len(done), total)
+    teacher = make_teacher(run)
+    with progress_bar() as bar:
+        task = bar.add_task("teacher answers", total=total, completed=len(done))
+        by_id = {p.id: p for p in todo}
+        for batch in teacher.generate(todo, params):
+            fresh = [c for c in batch if c.id not in done]
+            store.append([record_from(by_id[c.prompt_id], c, teacher.name, params) for c in fresh])
+            bar.advance(task, len(fresh))
+    run.stage("generate", time.perf_counter() - t0)
+    return store
+
+
+def split(run: Run, store: CompletionStore) -> dict[str, list[dict]]:
+    """Filter the teacher's answers and split them by prompt into train / validation / test."""
+    job = run.job
+    records = store.read_all()
+    kept, summary = filter_completions(records, job.data.filters, get_preset(job.data.task))
+    assignment = assign_splits(sorted({r["prompt_id"] for r in records}), job.data.split, job.data.seed)
+    parts = split_records(kept, assignment)
+    log.info("data: %d answers, %d kept; train %d, validation %d, test %d", len(records), len(kept),
+             *(len(parts.get(k, [])) for k in ("train", "validation", "test")))
+    if not parts.get("train"):
+        raise DistillError(f"no training data left after filtering ({summary}); relax data.filters")
+    atomic_write_json(run.dir / "data_summary.json", {
+        "filters": summary.as_dict(), "splits": {k: len(v) for k, v in parts.items()},
+    })
+    return parts
+
+
+def train(run: Run, parts: dict[str, list[dict]]) -> Path:
+    """Build the student and distil the teacher into it; returns the saved student folder."""
+    t0 = time.perf_counter()
+    job = run.job
+    out = run.dir / "student"
+    if (out / "config.json").is_file():
+        log.info("train: reusing the trained student in %s", out)
+        run.stage("train", time.perf_counter() - t0)
+        return out
+    student, tokenizer, info = initial_student(run, parts)
+    log.info("student: %s parameters (teacher %s, %.0f%%)%s", f"{info['student_parameters']:,}",
+             f"{info['teacher_parameters']:,}", 100 * info["student_parameters"] / info["teacher_parameters"],
+             f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "")
+    atomic_write_json(run.dir / "student_init.json", info)
+    teacher = run.teacher_model if job.distillation.mode != "sequence" else None
+    if teacher is None and job.distillation.mode != "sequence":
+        raise DistillError("distillation.mode: logit KD needs a local teacher; with an API teacher use mode: sequence")
+    max_len = job.training.max_length
+    train_ex = encode_records(tokenizer, parts["train"], max_len)
+    val_ex = encode_records(tokenizer, parts.get("validation", []), max_len)
+    model, summary = train_student(student, tokenizer, teacher, train_ex, val_ex, job.training, job.distillation,
+                                   run.dir / "training")
+    with atomic_dir(out) as tmp:
+        if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    atomic_write_json(run.dir / "training_summary.json", summary)
+    run.stage("train", time.perf_counter() - t0)
+    return out
+
+
+def initial_student(run: Run, parts: dict[str, list[dict]]):
+    """The un-distilled student, made the same way every time (same seed, same calibration prompts)."""
+    torch.manual_seed(run.job.training.seed)
+    calibration = [_plain_text(r["messages"]) + " " + r["completion"] for r in parts["train"][:16]]
+    if run.teacher_model is None:
+        raise DistillError("student.from: teacher needs a local teacher (teacher.backend: local)")
+    return build_student(run.job.student, run.teacher_model, run.teacher_tokenizer, calibration,
+                         dtype=run.job.teacher.dtype, device=run.job.teacher.device)
+
+
+def evaluate(run: Run, parts: dict[str, list[dict]], student_dir: Path) -> dict:
+    """Teacher vs trained student vs initial student (and baselines) on the test split."""
+    from distill.evaluate.harness import evaluate_models
+
+    t0 = time.perf_counter()
+    job = run.job
+    test = parts.get("test", [])[: job.evaluation.limit]
+    if not test:
+        raise DistillError("the test split is empty; raise data.split.test or add prompts")
+    student, student_tok = load_model(str(student_dir), dtype=job.teacher.dtype, device=job.teacher.device)
+    models = {"teacher": (run.teacher_model, run.teacher_tokenizer), "student": (student, student_tok)}
+    if job.evaluation.include_initial_student:
+        initial, initial_tok, _ = initial_student(run, parts)
+        models["initial student"] = (initial.eval(), initial_tok)
+    for ref in job.evaluation.baselines:
+        models[ref] = load_model(ref, dtype=job.teacher.dtype, device=job.teacher.device)
+    params = GenerationParams.from_config(job.generation)
+    params = GenerationParams(**{**params.as_dict(), "temperature": 0.0, "n": 1, "logprobs": 0,
+                                 "max_new_tokens": job.evaluation.max_new_tokens or params.max_new_tokens,
+                                 "batch_size": job.evaluation.batch_size})
+    general = [r["messages"] for r in parts.get("validation", [])[:8]]
+    metrics = evaluate_models(models, test, job.evaluation, params, job.data.task, general_prompts=general,
+                              model_dirs={"student": student_dir})
+    run.stage("evaluate", time.perf_counter() - t0)
+    metrics["run"] = {"name": job.name, "timings_s": run.timings, **read_json(run.dir / "training_summary.json", {}),
+                      "student_init": read_json(run.dir / "student_init.json", {}),
+                      "data": read_json(run.dir / "data_summary.json", {})}
+    atomic_write_json(run.dir / "metrics.json", metrics)
+    return metrics
+
+
+def report(run: Run, metrics: dict) -> Path:
+    from distill.evaluate.compare import check_gate
+    from distill.evaluate.report import write_report
+
+    t0 = time.perf_counter()
+    md, html = write_report(run.dir, metrics)
+    run.stage("report", time.perf_counter() - t0)
+    failed = check_gate(metrics, run.job.evaluation.gate)
+    if failed:
+        raise GateFailed("deploy gate failed: " + "; ".join(failed) + f". Report: {md}")
+    return md
+
+
+# --------------------------------------------------------------------------------------------- the job
+
+
+def run_job(job: JobConfig) -> Path:
+    """Run every stage in order; returns the report path."""
+    run = prepare(job)
+    store = generate(run)
+    parts = split(run, store)
+    student_dir = train(run, parts)
+    metrics = evaluate(run, parts, student_dir)
+    path = report(run, metrics)
+    atomic_write_json(run.dir / "timings.json", run.timings)
+    log.info("stage times (s): %s", ", ".join(f"{k} {v}" for k, v in run.timings.items()))
+    return path
+
+
+def _fingerprint(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain_text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)

@@ -1,0 +1,60 @@
+"""Tiny random models and data made in the tests: no downloads, seconds to build.
+
+Teacher and student are *different* tiny Llamas (other depths, other seeds), so the KD term is not
+zero from the start. Importable from any test module (`from tiny import tiny_llama`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "user: what is two plus two ?",
+    "assistant: two plus two is four .",
+    "user: name a colour of the sky .",
+    "assistant: the sky is blue on a clear day .",
+    "user: how many legs does a cat have ?",
+    "assistant: a cat has four legs and a tail .",
+    "system: you are a helpful assistant .",
+    "user: say hello to the world in one word .",
+    "assistant: hello world , it is a fine day to learn and to teach .",
+    "a dog is an animal . the sun is a star . water is wet . the moon is bright at night .",
+]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on `CORPUS` (about 60 tokens), with pad and eos."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+def tiny_llama(layers: int, seed: int, tokenizer, vocab_size: int = 96, hidden: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def write_prompts(path: Path, n: int = 30) -> Path:
+    words = ["sky", "cat", "dog", "sun", "moon", "water", "world", "day"]
+    rows = [{"prompt": f"what is the {words[i % len(words)]} ? say it {i} times ."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
