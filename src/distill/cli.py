@@ -151,7 +151,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except DistillError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted.[/] Run the same command again to resume where it stopped.")

@@ -114,12 +114,13 @@ def generate(run: Run) -> CompletionStore:
     meta = {"teacher": job.teacher.model, "system_prompt": job.teacher.system_prompt, "params": params.as_dict(),
             "prompts": _fingerprint([p.messages for p in run.prompts])}
     store = CompletionStore(run.dir / "synthetic")
-    if not store.matches(meta):
-        if store.done_ids():
-            raise DistillError(
-                f"{store.path}: holds answers made with other settings (teacher, generation or prompts changed). "
-                f"Use a new `name:` for this job, or delete that folder to regenerate."
-            )
+    changed = store.meta_diff(meta)
+    if changed and store.done_ids():
+        raise DistillError(
+            f"{store.path}: holds answers made with other settings ({'; '.join(changed)}). "
+            f"Use a new `name:` for this job, or delete that folder to regenerate."
+        )
+    if store.read_meta() is None or changed:
         store.write_meta(meta)
     done = store.done_ids()
     todo = [p for p in run.prompts if any(f"{p.id}-{s}" not in done for s in range(params.n))]

@@ -189,7 +189,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DistillError(
-                    f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno}). Fix or remove that line."
+                    f"{path}: line {n}: not valid JSON ({e.msg}, column {e.colno}). Fix or remove that line."
                 ) from None
             if not isinstance(record, dict):
                 raise DistillError(
