@@ -502,7 +502,8 @@ class _FusedLinearKDFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, teacher, cfg, denom):
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         loss, kd, ce, grads = _fused_linear_kd(hidden, weight, bias, labels, teacher, cfg, denom, want)
-        ctx.grads = grads
+        # save_for_backward, not a ctx attribute: autograd frees saved tensors after backward ([V, H] fp32 here).
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
@@ -513,7 +514,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         # The stored gradients are already those of the normalised loss; the usual upstream gradient is 1.
         scale = None if bool(grad_loss == 1) else grad_loss
         out = []
-        for grad, dtype in zip(ctx.grads, ctx.dtypes, strict=True):
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True):
             if grad is not None:
                 grad = grad if scale is None else grad * scale
                 grad = grad.to(dtype)
