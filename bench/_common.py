@@ -21,6 +21,7 @@ loaded and before the measured work, so the figure is what the measured work add
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -46,8 +47,8 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
 def device_name() -> str:
     """A short description of the machine the figures come from, for the table's title."""
     if torch.cuda.is_available():
-        return f"cuda {torch.cuda.get_device_name()} (bf16)"
-    return f"cpu x{torch.get_num_threads()} threads (fp32)"
+        return f"cuda {torch.cuda.get_device_name()}"
+    return f"cpu x{torch.get_num_threads()} threads"
 
 
 def synchronize(device: torch.device) -> None:
@@ -82,10 +83,8 @@ def _proc_status_kib(field: str) -> int:
 
 def _release_freed_memory() -> None:
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 class PeakMemory:
@@ -150,23 +149,29 @@ def run_case(script: str | Path, *args: object, timeout: float | None = None) ->
         raise SystemExit(f"case {' '.join(map(str, args))} took longer than {timeout:.0f} s") from None
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise SystemExit(
-            f"case {' '.join(map(str, args))} failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
-        )
+        raise SystemExit(f"case {' '.join(map(str, args))} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print an aligned text table: text left-aligned, numbers right-aligned (floats with 3 significant digits)."""
+    """Print an aligned text table. Floats get 3 significant digits (no exponent below 1e6); pass a string to
+    format a value yourself. Columns whose every cell reads as a number are right-aligned, others left-aligned."""
 
     def cell(value: object) -> str:
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
         return str(value)
 
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(headers))]
+    numeric = [all(is_number(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))

@@ -37,8 +37,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import PeakMemory, Stopwatch, device_name, emit_case, pick_device, print_table, run_case, summary_line
 
+from _common import PeakMemory, Stopwatch, device_name, emit_case, pick_device, print_table, run_case, summary_line
 from distill.models import load_model
 from distill.teachers.base import GenerationParams, Prompt
 from distill.teachers.local import LocalTeacher
@@ -67,7 +67,8 @@ def run_ours(model, tokenizer, prompts: list[str], batch_size: int) -> tuple[lis
     params = GenerationParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, batch_size=batch_size)
     todo = [Prompt(id=str(i), messages=[{"role": "user", "content": p}]) for i, p in enumerate(prompts)]
     done = {c.prompt_id: c for batch in teacher.generate(todo, params) for c in batch}
-    return [done[str(i)].text for i in range(len(prompts))], [done[str(i)].completion_tokens for i in range(len(prompts))]
+    answers = [done[str(i)] for i in range(len(prompts))]
+    return [c.text for c in answers], [c.completion_tokens for c in answers]
 
 
 @torch.inference_mode()
@@ -77,11 +78,19 @@ def run_one_by_one(model, tokenizer, prompts: list[str]) -> tuple[list[str], lis
     texts, counts = [], []
     for p in prompts:
         enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True,
+            [{"role": "user", "content": p}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
             return_tensors="pt",
         ).to(model.device)
         out = model.generate(
-            **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=None, top_p=None, top_k=None,
+            **enc,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
             pad_token_id=tokenizer.pad_token_id,
         )
         new = out[0, enc["input_ids"].shape[1] :].tolist()
@@ -108,15 +117,20 @@ def child(case: str) -> None:
     with Stopwatch(device) as clock:
         texts, counts = run(prompts)
     emit_case(
-        {"texts": texts, "tokens": sum(counts), "seconds": clock.seconds, "peak_mib": meter.peak_bytes() / 2**20,
-         "method": meter.method}
+        {
+            "texts": texts,
+            "tokens": sum(counts),
+            "seconds": clock.seconds,
+            "peak_mib": meter.peak_bytes() / 2**20,
+            "method": meter.method,
+        }
     )
 
 
 def main() -> None:
     print(
         f"teacher generation: {N_PROMPTS} prompts, max_new_tokens={MAX_NEW_TOKENS}, greedy, "
-        f"{TEACHER} on {device_name()}"
+        f"{TEACHER} on {device_name()} ({'bf16' if torch.cuda.is_available() else 'fp32'})"
     )
     cases = ["one-by-one", *(f"ours/b{b}" for b in BATCH_SIZES)]
     results = {case: run_case(__file__, case) for case in cases}
@@ -127,8 +141,15 @@ def main() -> None:
         res["tok_s"] = res["tokens"] / res["seconds"]
         res["agree"] = sum(a == b for a, b in zip(res["texts"], base["texts"], strict=True))
         rows.append(
-            [case, res["tokens"], res["seconds"], res["tok_s"], res["tok_s"] / base["tok_s"],
-             f"{res['agree']}/{N_PROMPTS}", res["peak_mib"]]
+            [
+                case,
+                res["tokens"],
+                res["seconds"],
+                res["tok_s"],
+                res["tok_s"] / base["tok_s"],
+                f"{res['agree']}/{N_PROMPTS}",
+                res["peak_mib"],
+            ]
         )
     print(f"memory method: {base['method']}")
     print_table(["case", "tokens", "seconds", "tok/s", "speedup", "agree", "peak MiB"], rows)
@@ -136,7 +157,8 @@ def main() -> None:
         ours = results[f"ours/b{b}"]
         differ = [i for i, (a, ref) in enumerate(zip(ours["texts"], base["texts"], strict=True)) if a != ref]
         for i in differ[:3]:  # a few examples: where the answers part ways
-            print(f"b{b} differs at prompt {i}:\n  ours:       {ours['texts'][i]!r}\n  one-by-one: {base['texts'][i]!r}")
+            print(f"b{b} differs at prompt {i}:\n  ours:       {ours['texts'][i]!r}")
+            print(f"  one-by-one: {base['texts'][i]!r}")
     ours, ours32 = results[f"ours/b{BATCH_SIZES[0]}"], results[f"ours/b{BATCH_SIZES[1]}"]
     figures = {
         "speedup": ours["tok_s"] / base["tok_s"],

@@ -9,29 +9,20 @@ tokens, hidden size 576 for student and teacher, vocabularies of 49,152 (SmolLM)
 
 How peak memory is measured: every case runs in a fresh subprocess, so allocator caches and earlier cases cannot
 hide or inflate anything. Inputs (hidden states, head weights) are created and a small warm-up runs before the
-baseline, so the number is what the loss itself needs on top of its inputs: logits, temporaries and gradients.
-
-* CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus ``memory_allocated()`` at
-  the baseline.
-* CPU: torch's CPU allocations are invisible to ``tracemalloc``, so the process's peak resident set size is used.
-  The kernel's high-water mark is reset right before the run (``/proc/self/clear_refs`` = 5) and ``VmHWM`` minus
-  ``VmRSS`` at the baseline is reported. Where that reset is not allowed, ``ru_maxrss`` minus its value at the
-  baseline is used instead (it can under-report if setting up the inputs peaked higher than the loss).
+baseline, so the number is what the loss itself needs on top of its inputs: logits, temporaries and gradients. On
+CUDA it is ``max_memory_allocated()`` above the baseline; on CPU the process's peak RSS above the baseline, with the
+kernel's high-water mark reset at the baseline (details and the fallback in bench/_common.py, ``PeakMemory``).
 
 The last line printed is ``name=value`` pairs for docs/benchmarks.md.
 """
 
 import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 
 import torch
 
+from _common import PeakMemory, Stopwatch, device_name, emit_case, pick_device, print_table, run_case, summary_line
 from distill.losses import KDLossConfig, kd_loss_from_hidden, kd_loss_from_logits
 
 TOKENS = 4096
@@ -41,46 +32,6 @@ DEFAULT_CHUNK = KDLossConfig().chunk_size
 # [tokens, vocab] fp32 tensors the plain path holds at its peak: measured 7.0 on CPU (both logits, both
 # log-softmaxes, teacher probs, the divergence's temporaries, then their gradients), plus a margin.
 PLAIN_COPIES = 7.5
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-class PeakMemory:
-    """Peak bytes allocated above a baseline taken at ``start()``; see the module docstring for the method."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = ""
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            self.method = "cuda max_memory_allocated"
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self.base = _proc_status_kib("VmRSS") * 1024
-            self.method = "cpu VmHWM (reset) - VmRSS"
-        except OSError:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.method = "cpu ru_maxrss delta"
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        if self.method.startswith("cpu VmHWM"):
-            return _proc_status_kib("VmHWM") * 1024 - self.base
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
 
 
 def make_inputs(tokens: int, vocab: int, device: torch.device, seed: int = 0):
@@ -110,30 +61,18 @@ def run_loss(path: str, h, w, th, tw, labels, cfg: KDLossConfig) -> torch.Tensor
 
 def child(vocab: int, path: str, chunk_size: int, tokens: int, grads_file: str) -> None:
     """One measured case, in its own process; prints one JSON line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, _ = pick_device()  # always fp32 here: the loss's own precision is the subject
     cfg = KDLossConfig("forward_kl", temperature=2.0, alpha=0.5, chunk_size=chunk_size)
     # Warm-up on small shapes: first-call kernel and allocator set-up should not count as the loss's time.
     run_loss(path, *make_inputs(64, 1024, device), cfg)
     h, w, th, tw, labels = make_inputs(tokens, vocab, device)
     meter = PeakMemory(device)
     meter.start()
-    start = time.perf_counter()
-    loss = run_loss(path, h, w, th, tw, labels, cfg)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with Stopwatch(device) as clock:
+        loss = run_loss(path, h, w, th, tw, labels, cfg)
     peak = meter.peak_bytes()
     torch.save({"h": h.grad.cpu(), "w": w.grad.cpu()}, grads_file)
-    result = {"peak_mib": peak / 2**20, "seconds": seconds, "loss": loss.item(), "method": meter.method}
-    print(json.dumps(result))
-
-
-def run_case(vocab: int, path: str, chunk_size: int, tokens: int, grads_file: str) -> dict:
-    cmd = [sys.executable, __file__, "--case", str(vocab), path, str(chunk_size), str(tokens), grads_file]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"case {vocab} {path} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    emit_case({"peak_mib": peak / 2**20, "seconds": clock.seconds, "loss": loss.item(), "method": meter.method})
 
 
 def tokens_that_fit(vocab: int) -> int:
@@ -156,8 +95,7 @@ def tokens_that_fit(vocab: int) -> int:
 
 
 def main(chunk_sizes: list[int]) -> None:
-    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
-    print(f"KD loss forward+backward, forward_kl, T=2, alpha=0.5, hidden {HIDDEN}, fp32, on {device}")
+    print(f"KD loss forward+backward, forward_kl, T=2, alpha=0.5, hidden {HIDDEN}, fp32, on {device_name()}")
     rows, summary, grad_diff = [], {}, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in VOCABS:
@@ -166,7 +104,7 @@ def main(chunk_sizes: list[int]) -> None:
             for path, chunk in [("plain", 0)] + [("chunked", c) for c in chunk_sizes]:
                 name = path if path == "plain" else f"chunked/{chunk}"
                 grads_file = os.path.join(tmp, f"{vocab}_{path}_{chunk}.pt")
-                results[name] = run_case(vocab, path, max(chunk, 1), tokens, grads_file)
+                results[name] = run_case(__file__, vocab, path, max(chunk, 1), tokens, grads_file)
                 results[name]["grads"] = grads_file
                 rows.append((vocab, tokens, name, results[name]))
             plain, default = results["plain"], results[f"chunked/{chunk_sizes[0]}"]
@@ -184,11 +122,10 @@ def main(chunk_sizes: list[int]) -> None:
                 summary[f"tokens_{key}"] = tokens
 
     print(f"memory method: {rows[0][3]['method']}")
-    print(f"{'vocab':>8} {'tokens':>6} {'path':<13} {'peak MiB':>10} {'seconds':>8} {'loss':>10}")
-    for vocab, tokens, name, res in rows:
-        print(f"{vocab:>8} {tokens:>6} {name:<13} {res['peak_mib']:>10.0f} {res['seconds']:>8.2f} {res['loss']:>10.5f}")
+    table = [(v, n, name, round(r["peak_mib"]), f"{r['seconds']:.2f}", f"{r['loss']:.5f}") for v, n, name, r in rows]
+    print_table(["vocab", "tokens", "path", "peak MiB", "seconds", "loss"], table)
     summary["grad_max_abs_diff"] = grad_diff
-    print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(summary_line(summary))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from distill.losses import (
     DIVERGENCES,
+    TAIL_FLOOR,
     KDLossConfig,
     attention_transfer_loss,
+    ce_loss_from_hidden,
     forward_kl,
     hidden_state_loss,
     jsd,
@@ -184,6 +186,32 @@ def test_chunked_path_keeps_low_precision_dtypes(gen):
     assert h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16
     ref = kd_loss_from_hidden(h, w, th, tw, labels, cfg)
     close(out.loss, ref.loss.detach(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("labels_kind", ["some_masked", "all_masked"])
+def test_ce_only_chunked_path_matches_cross_entropy(gen, labels_kind):
+    h, w, b, *_ = student_and_teacher(gen)
+    labels = make_labels(gen) if labels_kind == "some_masked" else torch.full((B, T), -100)
+    loss = ce_loss_from_hidden(h, w, labels, head_bias=b, chunk_size=3)
+    n = max(int((labels != -100).sum()), 1)
+    ref = F.cross_entropy(project(h, w, b).reshape(-1, V), labels.reshape(-1), reduction="sum") / n
+    close(loss, ref)
+    for g, rg in zip(torch.autograd.grad(loss, (h, w, b)), torch.autograd.grad(ref, (h, w, b)), strict=True):
+        close(g, rg)
+    # The same through the plain path, with no teacher at all.
+    plain = kd_loss_from_logits(project(h, w, b), None, labels, KDLossConfig(alpha=0.0))
+    close(plain.loss, ref.detach())
+    assert plain.kd.item() == 0.0
+
+
+def test_teacher_arguments_are_checked(gen):
+    h, w, b, th, tw, tb = student_and_teacher(gen)
+    labels = make_labels(gen)
+    with pytest.raises(ValueError, match="no teacher"):
+        kd_loss_from_hidden(h, w, None, None, labels, KDLossConfig(alpha=0.5))
+    with pytest.raises(ValueError, match="not both"):
+        topk = topk_from_logits(project(th, tw, tb), 3)
+        kd_loss_from_logits(project(h, w, b), project(th, tw, tb), labels, KDLossConfig(), teacher_topk=topk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,14 +459,24 @@ def test_sparse_ids_outside_the_vocab_fall_into_the_tail(gen):
     assert torch.isfinite(with_padded.loss)
 
 
-def test_sparse_zero_teacher_tail_stays_finite(gen):
-    # Rounded API logprobs can sum to more than 1: the tail is floored instead of making reverse KL infinite.
+def test_sparse_zero_teacher_tail_is_floored(gen):
+    # Rounded API logprobs can sum to 1 or more: the tail is floored at TAIL_FLOOR instead of making reverse KL
+    # infinite for any student that puts mass outside the listed ids.
     logprobs = torch.zeros(B, T, 1)  # "probability 1" for one id
     ids = torch.zeros(B, T, 1, dtype=torch.long)
     student = torch.randn(B, T, V, generator=gen, requires_grad=True)
-    out = kd_loss_from_logits(student, None, make_labels(gen), KDLossConfig("reverse_kl"), teacher_topk=(logprobs, ids))
+    labels = make_labels(gen)
+    out = kd_loss_from_logits(
+        student, None, labels, KDLossConfig("reverse_kl", alpha=1.0), teacher_topk=(logprobs, ids)
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(student.grad).all()
+    p = torch.tensor([1.0, TAIL_FLOOR]) / (1.0 + TAIL_FLOOR)  # [listed id, tail], renormalised
+    q0 = torch.softmax(student.detach(), -1)[..., 0]
+    q = torch.stack([q0, 1 - q0], -1)
+    mask = (labels != -100).float()
+    ref = ((q * (q.log() - p.log())).sum(-1) * mask).sum() / mask.sum()
+    close(out.loss.detach(), ref)
 
 
 # ------------------------------------------------------------------------------------------------

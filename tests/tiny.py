@@ -53,6 +53,35 @@ def tiny_llama(layers: int, seed: int, tokenizer, vocab_size: int = 96, hidden: 
     return LlamaForCausalLM(config).eval()
 
 
+SENTENCES = ["the sky is blue on a clear day .", "a cat has four legs and a tail .", "two plus two is four ."]
+
+
+def qa_records(n: int = 24) -> list[dict]:
+    """Store-like records (`messages` + `completion`) over the tiny vocabulary, n a multiple of 6."""
+    return [
+        {"messages": [{"role": "user", "content": f"what is {w} ?"}], "completion": SENTENCES[i % 3]}
+        for i, w in enumerate(["sky", "cat", "two", "dog", "sun", "moon"] * (n // 6))
+    ]
+
+
+@torch.no_grad()
+def kl_to_teacher(student, teachers, batch, weights=None) -> float:
+    """Mean forward KL(teacher || student) over the answer positions of a collated batch.
+
+    `teachers` is one model or a list (their mixture with `weights`, default equal: multi-teacher KD).
+    """
+    teachers = teachers if isinstance(teachers, list | tuple) else [teachers]
+    weights = torch.tensor(weights or [1.0] * len(teachers), dtype=torch.float32)
+    mask = batch["labels"][:, 1:] != -100
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    s = student(**inputs).logits[:, :-1][mask].float().log_softmax(-1)
+    probs = [t(**inputs).logits[:, :-1][mask].float().softmax(-1) for t in teachers]
+    p = sum(w * q for w, q in zip(weights / weights.sum(), probs, strict=True))
+    v = min(s.shape[-1], p.shape[-1])
+    p, s = p[:, :v], s[:, :v]
+    return float((p * (p.clamp_min(1e-30).log() - s)).sum(-1).mean())
+
+
 def write_prompts(path: Path, n: int = 30) -> Path:
     words = ["sky", "cat", "dog", "sun", "moon", "water", "world", "day"]
     rows = [{"prompt": f"what is the {words[i % len(words)]} ? say it {i} times ."} for i in range(n)]

@@ -76,6 +76,18 @@ def train(job: JobArg, overrides: Overrides = None) -> None:
     console.print(f"[bold green]done.[/] student saved in {out}")
 
 
+@app.command("cache-logits")
+def cache_logits(job: JobArg, overrides: Overrides = None) -> None:
+    """Generate if needed, then run the teacher once and cache its top-k log-probs for training."""
+    from distill.pipeline import cache_logits as cache_stage
+    from distill.pipeline import generate as generate_stage
+    from distill.pipeline import prepare, split
+
+    r = prepare(_job(job, overrides))
+    cache = cache_stage(r, split(r, generate_stage(r)))
+    console.print(f"[bold green]done.[/] logit cache in {cache.path} ({cache.bytes_per_token} bytes per token)")
+
+
 @app.command("eval")
 def eval_(
     teacher: Annotated[str, typer.Option(help="Teacher model reference.")],

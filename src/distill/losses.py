@@ -284,15 +284,21 @@ def _kd_ce_rows(
     labels: torch.Tensor,
     cfg: KDLossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KD (times T**2) and CE for fp32 student logits [N, V]; the teacher is dense [N, V] or top-k [N, K]."""
+    """Per-row KD (times T**2) and CE for fp32 student logits [N, V].
+
+    The teacher is dense log-probs [N, V], top-k targets [N, K], or absent (CE only: kd is 0).
+    """
     t = cfg.temperature
+    target = labels[:, None]
+    if teacher_logprobs is None and teacher_topk is None:
+        ce = student_logits.logsumexp(-1) - student_logits.gather(-1, target).squeeze(-1)
+        return torch.zeros_like(ce).detach(), ce
     student_logprobs = F.log_softmax(student_logits if t == 1.0 else student_logits / t, dim=-1)  # [N, V]
     if teacher_topk is not None:
         student_b, teacher_b = _sparse_buckets(student_logprobs, *teacher_topk, t)
     else:
         student_b, teacher_b = student_logprobs, teacher_logprobs
     kd = token_divergence(student_b, teacher_b, cfg.divergence, beta=cfg.beta, skew=cfg.skew) * (t * t)
-    target = labels[:, None]
     if t == 1.0:
         ce = -student_logprobs.gather(-1, target).squeeze(-1)
     else:
@@ -338,6 +344,13 @@ def _select(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return flat if index is None else flat.index_select(0, index)
 
 
+def _check_teacher(n_teachers: int, has_topk: bool, cfg: KDLossConfig, dense_name: str) -> None:
+    if n_teachers > 0 and has_topk:
+        raise ValueError(f"pass either {dense_name} or teacher_topk, not both")
+    if n_teachers == 0 and not has_topk and cfg.alpha != 0.0:
+        raise ValueError(f"no teacher: pass {dense_name} or teacher_topk (only alpha=0, CE alone, needs none)")
+
+
 def _as_list(x: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
     if x is None:
         return []
@@ -365,7 +378,7 @@ def kd_loss_from_logits(
     Args:
         student_logits: ``[B, T, Vs]``, aligned with ``labels``.
         teacher_logits: ``[B, T, Vt]``, or a list of them (a mixture, see :func:`mix_teacher_logprobs`), or None
-            when ``teacher_topk`` is given. Never receives gradients.
+            when ``teacher_topk`` is given (or with ``cfg.alpha == 0``: CE only). Never receives gradients.
         labels: ``[B, T]`` next-token ids, ``cfg.ignore_index`` where masked.
         cfg: divergence, temperature, weights.
         num_items: valid tokens in the whole optimisation step (default: in this call).
@@ -374,8 +387,7 @@ def kd_loss_from_logits(
         vocab_size: use only the first ``vocab_size`` ids (default: the smallest vocabulary involved).
     """
     teachers = _as_list(teacher_logits)
-    if (len(teachers) > 0) == (teacher_topk is not None):
-        raise ValueError("pass exactly one of teacher_logits and teacher_topk")
+    _check_teacher(len(teachers), teacher_topk is not None, cfg, "teacher_logits")
     v = vocab_size or min([student_logits.shape[-1], *(t.shape[-1] for t in teachers)])
     index, valid_labels, n_valid = _valid_rows(labels, cfg.ignore_index)
     # Select valid rows before anything else: masked positions cost nothing and garbage there cannot leak into NaN.
@@ -385,9 +397,11 @@ def kd_loss_from_logits(
             topk = (_select(teacher_topk[0], index), _select(teacher_topk[1], index))  # [N, K] each
             teacher_logprobs = None
         else:
-            topk = None
-            rows = [_select(t, index)[:, :v] for t in teachers]
-            teacher_logprobs = mix_teacher_logprobs(rows, teacher_weights, cfg.temperature).clamp_min_(NEG_LOGPROB)
+            topk, teacher_logprobs = None, None
+            if teachers:
+                rows = [_select(t, index)[:, :v] for t in teachers]
+                teacher_logprobs = mix_teacher_logprobs(rows, teacher_weights, cfg.temperature)
+                teacher_logprobs.clamp_min_(NEG_LOGPROB)
     kd_rows, ce_rows = _kd_ce_rows(student, teacher_logprobs, topk, valid_labels, cfg)
     denom = _denominator(num_items, n_valid, student.device)
     kd, ce = kd_rows.sum() / denom, ce_rows.sum() / denom
@@ -418,6 +432,8 @@ class _TeacherChunks:
     def __call__(self, start: int, end: int) -> tuple[torch.Tensor | None, TeacherTopK | None]:
         if self.topk is not None:
             return None, (self.topk[0][start:end], self.topk[1][start:end])
+        if not self.hidden:
+            return None, None  # CE only
         # The teacher projects in its own dtype and the [C, V] logits are upcast right after. An fp32 copy of a
         # 152k x 4096 bf16 teacher head would cost 2.5 GB, more than the chunking saves; GPU bf16 matmuls
         # accumulate in fp32 anyway. With fp32 teacher weights (the tests) this is plain fp32.
@@ -545,7 +561,8 @@ def kd_loss_from_hidden(
     Args:
         student_hidden: ``[B, T, Hs]`` final hidden states (after the final norm), aligned with ``labels``.
         student_head_weight: ``[Vs, Hs]`` LM-head weight (tied embeddings are fine).
-        teacher_hidden: ``[B, T, Ht]``, or a list of them for a teacher mixture, or None with ``teacher_topk``.
+        teacher_hidden: ``[B, T, Ht]``, or a list of them for a teacher mixture, or None with ``teacher_topk``
+            (or with ``cfg.alpha == 0``: CE only, see :func:`ce_loss_from_hidden`).
         teacher_head_weight: ``[Vt, Ht]``, or a list matching ``teacher_hidden``.
         labels: ``[B, T]`` next-token ids, ``cfg.ignore_index`` where masked.
         cfg: divergence, temperature, weights, chunk size.
@@ -557,8 +574,7 @@ def kd_loss_from_hidden(
         vocab_size: use only the first ``vocab_size`` ids (default: the smallest vocabulary involved).
     """
     teacher_hs, teacher_ws = _as_list(teacher_hidden), _as_list(teacher_head_weight)
-    if (len(teacher_hs) > 0) == (teacher_topk is not None):
-        raise ValueError("pass exactly one of teacher_hidden (with teacher_head_weight) and teacher_topk")
+    _check_teacher(len(teacher_hs), teacher_topk is not None, cfg, "teacher_hidden (with teacher_head_weight)")
     if len(teacher_hs) != len(teacher_ws):
         raise ValueError(f"got {len(teacher_hs)} teacher hidden states but {len(teacher_ws)} teacher head weights")
     teacher_bs = [teacher_head_bias] if isinstance(teacher_head_bias, torch.Tensor) else teacher_head_bias
@@ -590,6 +606,25 @@ def kd_loss_from_hidden(
     else:
         loss, kd, ce, _ = _fused_linear_kd(hidden, weight, bias, valid_labels, teacher, cfg, denom, (False,) * 3)
     return KDLossOutput(loss, kd, ce)
+
+
+def ce_loss_from_hidden(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Hard-label CE (T = 1) from hidden states ``[B, T, H]``, without ``[N, V]`` logits: the fused path, no teacher.
+
+    For the CE-only phases of a run (SFT warm-up, ``alpha = 0``); same normalisation as every loss here.
+    """
+    cfg = KDLossConfig(alpha=0.0, chunk_size=chunk_size, ignore_index=ignore_index)
+    return kd_loss_from_hidden(
+        hidden, head_weight, None, None, labels, cfg, num_items, student_head_bias=head_bias
+    ).loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -676,6 +711,7 @@ __all__ = [
     "KDLossOutput",
     "TeacherTopK",
     "attention_transfer_loss",
+    "ce_loss_from_hidden",
     "forward_kl",
     "hidden_state_loss",
     "jsd",

@@ -162,8 +162,15 @@ def split(run: Run, store: CompletionStore) -> dict[str, list[dict]]:
 
 def train(run: Run, parts: dict[str, list[dict]]) -> Path:
     """Build the student and distil the teacher into it; returns the saved student folder."""
+    import gc
+
+    from distill.train.modes import load_extra_teachers
+    from distill.train.tokenizers import head_rows
+    from distill.train.trainer import check_teacher_signal
+
     t0 = time.perf_counter()
     job = run.job
+    dist = job.distillation
     out = run.dir / "student"
     if (out / "config.json").is_file():
         log.info("train: reusing the trained student in %s", out)
@@ -174,22 +181,92 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
              f"{info['teacher_parameters']:,}", 100 * info["student_parameters"] / info["teacher_parameters"],
              f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "")
     atomic_write_json(run.dir / "student_init.json", info)
-    teacher = run.teacher_model if job.distillation.mode != "sequence" else None
-    if teacher is None and job.distillation.mode != "sequence":
+    teacher = run.teacher_model if dist.mode != "sequence" else None
+    if teacher is None and dist.mode != "sequence":
         raise DistillError("distillation.mode: logit KD needs a local teacher; with an API teacher use mode: sequence")
+    check_teacher_signal(dist, teacher=teacher is not None, cache=dist.logit_cache and teacher is not None)
     max_len = job.training.max_length
     train_ex = encode_records(tokenizer, parts["train"], max_len)
     val_ex = encode_records(tokenizer, parts.get("validation", []), max_len)
-    model, summary = train_student(student, tokenizer, teacher, train_ex, val_ex, job.training, job.distillation,
-                                   run.dir / "training")
+    cache, extra = None, []
+    if teacher is not None and dist.logit_cache:
+        cache = cache_logits(run, parts, tokenizer)
+        # The cache is the teacher signal now: free the teacher's memory for the student's training, and load it
+        # again afterwards for the evaluation.
+        teacher = run.teacher_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("train: teacher freed; training from the logit cache")
+    elif teacher is not None and dist.extra_teachers:
+        extra = load_extra_teachers(dist.extra_teachers, job.teacher, run.teacher_tokenizer, head_rows(teacher))
+    model, summary = train_student(student, tokenizer, teacher, train_ex, val_ex, job.training, dist,
+                                   run.dir / "training", teacher_tokenizer=run.teacher_tokenizer,
+                                   extra_teachers=extra, logit_cache=cache)
+    del extra
     with atomic_dir(out) as tmp:
         if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights
             model = model.merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     atomic_write_json(run.dir / "training_summary.json", summary)
+    if run.teacher_model is None and job.teacher.backend == "local":
+        del model, student
+        gc.collect()
+        run.teacher_model, run.teacher_tokenizer = load_model(
+            job.teacher.model, dtype=job.teacher.dtype, device=job.teacher.device,
+            trust_remote_code=job.teacher.trust_remote_code,
+        )
     run.stage("train", time.perf_counter() - t0)
     return out
+
+
+def cache_logits(run: Run, parts: dict[str, list[dict]], tokenizer=None):
+    """Run the teacher once over the training and validation answers and keep its top-k log-probs.
+
+    Builds `runs/NAME/logit_cache/` or reuses it when it matches this run (tokenizer, k, data, teachers); a cache
+    made for other settings is refused with what differs. `tokenizer` is the student's (default: the one the
+    train stage will use); the examples are encoded with it exactly as for training.
+    """
+    from transformers import AutoTokenizer
+
+    from distill.logit_cache import LogitCache, build_logit_cache, cache_settings
+    from distill.models import prepare_tokenizer, resolve_reference
+    from distill.train.modes import load_extra_teachers
+    from distill.train.tokenizers import head_rows, shared_vocab_size
+
+    t0 = time.perf_counter()
+    job = run.job
+    dist = job.distillation
+    if run.teacher_model is None:
+        raise DistillError("distillation.logit_cache needs a local teacher (teacher.backend: local)")
+    if tokenizer is None:  # the tokenizer build_student gives the student, without building the student
+        if job.student.from_ in ("teacher", "config"):
+            tokenizer = run.teacher_tokenizer
+        else:
+            folder = resolve_reference(job.student.from_)
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+    max_len = job.training.max_length
+    splits = {name: encode_records(tokenizer, parts.get(name, []), max_len) for name in ("train", "validation")}
+    members = [{"model": job.teacher.model, "weight": 1.0}]
+    members += [{"model": e.model, "weight": e.weight} for e in dist.extra_teachers]
+    settings = cache_settings(tokenizer, splits, dist.cache_top_k, members)
+    path = run.dir / "logit_cache"
+    if (path / "cache.json").is_file():
+        cache = LogitCache.open(path, settings)
+        log.info("reusing logit cache %s (%d bytes per token)", path, cache.bytes_per_token)
+    else:
+        rows = head_rows(run.teacher_model)
+        shared_vocab_size(run.teacher_tokenizer, tokenizer, rows, rows)
+        teachers = [(run.teacher_model, 1.0)]
+        teachers += load_extra_teachers(dist.extra_teachers, job.teacher, run.teacher_tokenizer, rows)
+        with progress_bar() as bar:
+            task = bar.add_task("teacher top-k", total=sum(len(v) for v in splits.values()))
+            cache = build_logit_cache(path, teachers, splits, settings, batch_size=job.generation.batch_size,
+                                      chunk_size=dist.chunk_size, on_batch=lambda n: bar.advance(task, n))
+        del teachers
+    run.stage("cache_logits", time.perf_counter() - t0)
+    return cache
 
 
 def initial_student(run: Run, parts: dict[str, list[dict]]):

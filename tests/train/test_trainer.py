@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import pytest
 import torch
 
 from distill.config import DistillationConfig, TrainingConfig
 from distill.train.data import IGNORE, Collator, encode_example, encode_records
-from distill.train.trainer import train_student
-from tiny import tiny_llama
-
-SENTENCES = ["the sky is blue on a clear day .", "a cat has four legs and a tail .", "two plus two is four ."]
-
-
-def records(n=24):
-    return [
-        {"messages": [{"role": "user", "content": f"what is {w} ?"}], "completion": SENTENCES[i % 3]}
-        for i, w in enumerate(["sky", "cat", "two", "dog", "sun", "moon"] * (n // 6))
-    ]
-
-
-@torch.no_grad()
-def kl_to_teacher(student, teacher, batch) -> float:
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
-    t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
-    p = t.log_softmax(-1)
-    return float((p.exp() * (p - s.log_softmax(-1))).sum(-1).mean())
+from distill.train.modes import DistillLoss
+from distill.train.trainer import JsonlLogger, loss_config, train_student
+from tiny import SENTENCES, kl_to_teacher, qa_records, tiny_llama
 
 
 def test_encode_example_masks_the_prompt(tiny_tokenizer):
@@ -43,14 +27,22 @@ def test_encode_example_masks_the_prompt(tiny_tokenizer):
 def test_kd_steps_lower_the_kl_and_resume(tmp_path, tiny_tokenizer):
     teacher = tiny_llama(2, 0, tiny_tokenizer)
     student = tiny_llama(1, 1, tiny_tokenizer)
-    examples = encode_records(tiny_tokenizer, records(), 64)
+    examples = encode_records(tiny_tokenizer, qa_records(), 64)
     batch = Collator(tiny_tokenizer.pad_token_id)(examples[:12])
     before = kl_to_teacher(student, teacher, batch)
-    training = TrainingConfig(max_steps=12, batch_size=4, learning_rate=3e-3, eval_every=4, save_every=4,
-                              warmup_ratio=0.0, lr_scheduler="constant")
+    training = TrainingConfig(
+        max_steps=12,
+        batch_size=4,
+        learning_rate=3e-3,
+        eval_every=4,
+        save_every=4,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+    )
     distillation = DistillationConfig(mode="logit", loss="forward_kl", temperature=1.0, alpha=1.0)
-    model, summary = train_student(student, tiny_tokenizer, teacher, examples, examples[:6], training, distillation,
-                                   tmp_path)
+    model, summary = train_student(
+        student, tiny_tokenizer, teacher, examples, examples[:6], training, distillation, tmp_path
+    )
     after = kl_to_teacher(model, teacher, batch)
     assert after < 0.7 * before, (before, after)
     assert summary["steps"] == 12
@@ -62,8 +54,16 @@ def test_kd_steps_lower_the_kl_and_resume(tmp_path, tiny_tokenizer):
 
     # Resume: a longer run in the same folder continues from the last checkpoint (step 12), not from 0.
     longer = training.model_copy(update={"max_steps": 16})
-    _, summary2 = train_student(tiny_llama(1, 1, tiny_tokenizer), tiny_tokenizer, teacher, examples, examples[:6],
-                                longer, distillation, tmp_path)
+    _, summary2 = train_student(
+        tiny_llama(1, 1, tiny_tokenizer),
+        tiny_tokenizer,
+        teacher,
+        examples,
+        examples[:6],
+        longer,
+        distillation,
+        tmp_path,
+    )
     assert summary2["resumed_from"].endswith("checkpoint-12") and summary2["steps"] == 16
     log2 = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in log2 if r["split"] == "train"]
@@ -72,9 +72,58 @@ def test_kd_steps_lower_the_kl_and_resume(tmp_path, tiny_tokenizer):
 
 def test_sequence_mode_needs_no_teacher(tmp_path, tiny_tokenizer):
     student = tiny_llama(1, 1, tiny_tokenizer)
-    examples = encode_records(tiny_tokenizer, records(12), 64)
+    examples = encode_records(tiny_tokenizer, qa_records(12), 64)
     training = TrainingConfig(max_steps=3, batch_size=4, eval_every=3, save_every=3)
-    _, summary = train_student(student, tiny_tokenizer, None, examples, [], training,
-                               DistillationConfig(mode="sequence"), tmp_path)
+    _, summary = train_student(
+        student, tiny_tokenizer, None, examples, [], training, DistillationConfig(mode="sequence"), tmp_path
+    )
     log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert summary["steps"] == 3 and all(r["kd"] == 0 for r in log if r["split"] == "train")
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_raises_the_overfitting_alarm(tmp_path, tiny_tokenizer, caplog):
+    # Training answers all say one thing and validation answers another: validation loss soon rises.
+    msgs = [[{"role": "user", "content": f"what is {w} ?"}] for w in ["sky", "cat", "dog", "sun", "moon", "two"]]
+    train = encode_records(tiny_tokenizer, [{"messages": m, "completion": SENTENCES[0]} for m in msgs[:4] * 3], 64)
+    val = encode_records(tiny_tokenizer, [{"messages": m, "completion": SENTENCES[1]} for m in msgs[4:]], 64)
+    training = TrainingConfig(
+        max_steps=30,
+        batch_size=4,
+        learning_rate=1e-2,
+        eval_every=2,
+        save_every=2,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        early_stopping_patience=2,
+    )
+    distillation = DistillationConfig(mode="sequence")
+    caplog.set_level(logging.WARNING, logger="distill")
+    model, summary = train_student(
+        tiny_llama(1, 1, tiny_tokenizer), tiny_tokenizer, None, train, val, training, distillation, tmp_path
+    )
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    val_losses = {r["step"]: r["loss"] for r in log if r["split"] == "validation"}
+    best_step = min(val_losses, key=val_losses.get)
+    assert summary["steps"] < 30, "early stopping never fired"
+    assert summary["steps"] == max(val_losses) == best_step + 2 * training.early_stopping_patience
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert summary["best_validation_loss"] == pytest.approx(val_losses[best_step])
+    # The returned model is the best checkpoint's, not the last step's.
+    with torch.no_grad():
+        loss = DistillLoss(loss_config(distillation))(model.eval(), Collator(tiny_tokenizer.pad_token_id)(val)).loss
+    assert float(loss) == pytest.approx(val_losses[best_step], rel=1e-4)
+    assert "overfitting: validation loss rose twice" in caplog.text
+
+
+def test_balance_warning_names_the_outweighed_term(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="distill")
+    logger = JsonlLogger(tmp_path / "log.jsonl", {"kd": 0.5, "ce": 0.5, "transfer/0": 1.0, "transfer/1": 0.0})
+    state = type("State", (), {"global_step": 1})()
+    logger.on_log(None, state, None, logs={"loss": 1.0, "kd": 1.0, "ce": 2.0, "transfer/0": 1e-4, "transfer/1": 1e-9})
+    assert "loss term ce (1) outweighs transfer/0 (0.0001)" in caplog.text
+    assert "transfer/1" not in caplog.text  # weight 0: not part of the loss
+    row = json.loads((tmp_path / "log.jsonl").read_text())
+    assert row["transfer/0"] == 1e-4 and row["kd"] == 1.0
+    caplog.clear()
+    logger.on_log(None, state, None, logs={"loss": 1.0, "kd": 1.0, "ce": 1.5})
+    assert "outweighs" not in caplog.text

@@ -13,7 +13,7 @@ is set for the duration, like vLLM's `ignore_eos`), so a model that stops early 
 * `throughput_tokens_per_s`: `batch_size` prompts at once, `batch_size * new_tokens / time`;
 * `peak_memory_bytes`: on CUDA, `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, over
   all timed runs (weights included, since they are allocated on the GPU). On CPU, the weights' bytes
-  plus the peak increase of the process RSS over the RSS just before generating, sampled every 2 ms
+  plus the peak increase of the process RSS over the RSS just before generating, sampled every 5 ms
   by a background thread (psutil). The CPU figure is approximate: the allocator may keep memory of
   an earlier model and reuse it (freed memory is handed back with `malloc_trim` first, where glibc
   has it), and peaks shorter than the sampling interval are missed.
@@ -147,7 +147,7 @@ def _fixed_length(model: PreTrainedModel, n: int) -> Iterator[None]:
 class _PeakMemory:
     """Peak memory while the block runs; see the module docstring for the method on CPU and on CUDA."""
 
-    def __init__(self, model: PreTrainedModel, weights_bytes: int, interval_s: float = 0.002):
+    def __init__(self, model: PreTrainedModel, weights_bytes: int, interval_s: float = 0.005):
         self.device = model.device
         self.weights = weights_bytes
         self.interval = interval_s

@@ -119,10 +119,12 @@ def evaluate_models(
             if f is not None:
                 st = on_teacher[n]
                 f.update(kl_per_token=st.mean_kl, top1_agreement=st.top1_agreement, tokens_compared=st.compared)
-                if st.skipped:
-                    f["skipped"] = st.skipped
+                if st.skipped:  # e.g. a baseline with another tokenizer: no token-level comparison possible
+                    f["not_compared"] = {"prompts": len(st.skipped), "first_reason": st.skipped[0]}
 
-        few = conversations[: max(1, min(len(conversations), cfg.batch_size))]
+        # A few short prompts keep the efficiency runs cheap; every model gets the same ones.
+        shortest = sorted(range(len(conversations)), key=lambda i: len(prompt_text(conversations[i])))
+        few = [conversations[i] for i in shortest[: max(1, min(len(conversations), cfg.batch_size))]]
         new_tokens = min(EFFICIENCY_NEW_TOKENS, gen.max_new_tokens)
         for n in names:
             _step(bar, f"efficiency: {n}")
@@ -148,7 +150,7 @@ def evaluate_models(
             "n_with_reference": len(with_ref),
             "main_metric": {"name": main_name, "against": main_against, "higher_is_better": True},
             "generation": gen.as_dict(),
-            "efficiency_prompts": len(few),
+            "efficiency_prompts": len(few),  # the shortest test prompts, by characters
             "samples_in_report": cfg.samples_in_report,
             "stored_completions": _stored_agreement(records, answers[teacher]),
             "device": str(models[teacher][0].device),

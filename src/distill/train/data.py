@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -57,7 +58,13 @@ def encode_records(
 
 
 class Collator:
-    """Right-pads a list of encoded examples into `input_ids`, `attention_mask` and `labels` tensors."""
+    """Right-pads a list of encoded examples into `input_ids`, `attention_mask` and `labels` tensors.
+
+    Examples that carry cached teacher targets (``teacher_topk``: ``(logprobs [n, K], ids [n, K])`` for their
+    ``n`` answer positions, see `distill.logit_cache`) also give ``teacher_topk_logprobs`` (fp32) and
+    ``teacher_topk_ids`` (long), ``[B, T - 1, K]``, aligned with the shifted labels ``labels[:, 1:]``; positions
+    without a label hold zeros, which the loss never reads.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
@@ -74,4 +81,24 @@ class Collator:
             batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.tensor(f["labels"])
+        if "teacher_topk" in features[0]:
+            batch.update(_topk_targets(features, batch["labels"][:, 1:]))
         return batch
+
+
+def _topk_targets(features: list[dict], shifted_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    k = np.shape(features[0]["teacher_topk"][0])[-1]
+    logprobs = torch.zeros((*shifted_labels.shape, k), dtype=torch.float32)
+    ids = torch.zeros((*shifted_labels.shape, k), dtype=torch.long)
+    for row, f in enumerate(features):
+        positions = shifted_labels[row].ne(IGNORE).nonzero().squeeze(1)
+        row_logprobs, row_ids = f["teacher_topk"]
+        if len(row_logprobs) != len(positions):
+            raise ValueError(
+                f"cached teacher targets for {len(row_logprobs)} positions, but the example has {len(positions)} "
+                "answer tokens: the cache was made from other data"
+            )
+        # np.array copies: the cache's memory maps are read-only.
+        logprobs[row, positions] = torch.from_numpy(np.array(row_logprobs, dtype=np.float32))
+        ids[row, positions] = torch.from_numpy(np.array(row_ids, dtype=np.int64))
+    return {"teacher_topk_logprobs": logprobs, "teacher_topk_ids": ids}

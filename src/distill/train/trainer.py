@@ -1,10 +1,12 @@
-"""The student's training loop: `transformers.Trainer` with the KD loss in `compute_loss`.
+"""The student's training loop: `transformers.Trainer` with the distillation loss in `compute_loss`.
 
 Building on `Trainer` gives checkpoints and exact resume, schedules, gradient accumulation and
 checkpointing, bf16/fp16, TensorBoard and DDP/FSDP/DeepSpeed through `accelerate`. What Distill
-adds: the teacher in the loop (under no_grad), the chunked KD loss computed from final hidden
-states (so no [batch, seq, vocab] logits exist), every loss term logged on its own, a warning when
-one term dwarfs another, and an overfitting alarm.
+adds: the teacher signal in the loop (live teachers under no_grad, or cached top-k targets), the
+chunked KD loss computed from final hidden states (so no [batch, seq, vocab] logits exist), GKD's
+on-policy batches, intermediate-layer transfer terms, every loss term logged on its own, a warning
+when one term dwarfs another, and an overfitting alarm. What each mode feeds the loss is in
+`distill.train.modes`.
 """
 
 from __future__ import annotations
@@ -12,23 +14,42 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
     EarlyStoppingCallback,
-    ProgressCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
 from distill.config import DistillationConfig, TrainingConfig
-from distill.losses import KDLossConfig, kd_loss_from_hidden
+from distill.errors import DistillError
+from distill.losses import KDLossConfig
 from distill.train.data import Collator
+from distill.train.modes import DistillLoss, LossParts, OnPolicySampler, final_hidden, head_of
+from distill.train.tokenizers import head_rows, shared_vocab_size
+from distill.train.transfer import LayerTransfer, restore_attention, use_eager_attention
+
+if TYPE_CHECKING:
+    from distill.logit_cache import LogitCache
+
+__all__ = [
+    "DistillTrainer",
+    "JsonlLogger",
+    "check_teacher_signal",
+    "final_hidden",
+    "head_of",
+    "loss_config",
+    "train_student",
+]
 
 log = logging.getLogger("distill")
 
@@ -46,81 +67,77 @@ def loss_config(cfg: DistillationConfig) -> KDLossConfig:
     )
 
 
-def head_of(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
-    """(decoder trunk, output-head weight [V, H], bias or None) of a causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    return base.get_decoder(), head.weight, getattr(head, "bias", None)
-
-
-def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (post-norm) hidden states [B, T, H]: what the head turns into logits."""
-    trunk, _, _ = head_of(model)
-    return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
-@dataclass
 class LossTerms:
-    """Running sums of the loss terms between two logging steps."""
+    """Running sums of the loss terms (kd, ce, transfer/<i>) between two logging steps."""
 
-    kd: float = 0.0
-    ce: float = 0.0
-    n: int = 0
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, parts: LossParts) -> None:
+        values = {"kd": parts.kd, "ce": parts.ce, **{f"transfer/{i}": t for i, t in enumerate(parts.transfer)}}
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.n += 1
 
 
 class DistillTrainer(Trainer):
-    """`Trainer` whose loss is KD against a teacher (or SFT on teacher text when alpha is 0)."""
+    """`Trainer` whose loss is a `DistillLoss` (KD against teachers or cached targets, or SFT when alpha is 0).
 
-    def __init__(self, *args, teacher: PreTrainedModel | None, kd: KDLossConfig, **kwargs):
+    Args:
+        loss: turns a batch into the loss and its terms.
+        on_policy: with `mode: on_policy`, rewrites part of every training batch with the student's own answers.
+    """
+
+    def __init__(self, *args, loss: DistillLoss, on_policy: OnPolicySampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher
-        self.kd = kd
+        self.distill_loss = loss
+        self.on_policy = on_policy
         self.terms = LossTerms()
+        self._micro_at = (-1, 0)  # (optimizer step, micro-batch index within it), seeds on-policy sampling
         # compute_loss divides by the token count of the whole optimisation step (num_items_in_batch),
-        # so Trainer must not divide by the accumulation steps a second time.
+        # so Trainer must count it for every model (PEFT ones included) and not divide by the accumulation
+        # steps a second time.
+        self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"][:, 1:]  # position t predicts token t+1
-        hidden = final_hidden(model, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
-        _, weight, bias = head_of(model)
-        teacher_hidden = teacher_weight = teacher_bias = None
-        if self.teacher is not None and self.kd.alpha > 0:
-            with torch.no_grad():
-                teacher_hidden = final_hidden(self.teacher, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
-                _, teacher_weight, teacher_bias = head_of(self.teacher)
-        if num_items_in_batch is None:
-            num_items_in_batch = labels.ne(-100).sum()
-        out = kd_loss_from_hidden(
-            hidden, weight, teacher_hidden, teacher_weight, labels, self.kd,
-            num_items=num_items_in_batch, student_head_bias=bias, teacher_head_bias=teacher_bias,
-        )
+        if self.on_policy is not None and model.training:
+            inputs = self.on_policy(self.accelerator.unwrap_model(model), inputs, *self._next_micro())
+        parts = self.distill_loss(model, inputs, num_items_in_batch)
         if model.training:
-            self.terms.kd += float(out.kd)
-            self.terms.ce += float(out.ce)
-            self.terms.n += 1
-        return (out.loss, {"kd": out.kd, "ce": out.ce}) if return_outputs else out.loss
+            self.terms.add(parts)
+        loss = parts.loss
+        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
+            # num_items_in_batch counts the tokens of every process, and DDP averages the gradients over them.
+            loss = loss * self.args.world_size
+        return (loss, {"kd": parts.kd, "ce": parts.ce}) if return_outputs else loss
+
+    def _next_micro(self) -> tuple[int, int]:
+        step, micro = self._micro_at
+        self._micro_at = (step, micro + 1) if step == self.state.global_step else (self.state.global_step, 0)
+        return self._micro_at
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.terms.n:
             # Per-micro-batch terms are normalised by the whole step's token count: their sum per step is the
             # step's term. Report the mean per optimisation step since the last log.
             steps = max(1, self.terms.n / self.args.gradient_accumulation_steps)
-            logs["kd"] = self.terms.kd / steps
-            logs["ce"] = self.terms.ce / steps
+            logs.update({name: total / steps for name, total in self.terms.sums.items()})
             self.terms = LossTerms()
         super().log(logs, *args, **kwargs)
 
 
 class JsonlLogger(TrainerCallback):
-    """Writes every logged value to `training_log.jsonl` (the report plots it) and watches the loss terms."""
+    """Writes every logged value to `training_log.jsonl` (the report plots it) and watches the loss terms.
 
-    def __init__(self, path: Path, alpha: float):
+    `weights` maps each term name (kd, ce, transfer/<i>) to its weight in the loss, for the balance warning.
+    """
+
+    def __init__(self, path: Path, weights: dict[str, float]):
         self.path = path
-        self.alpha = alpha
-        self.warned_balance = False
+        self.weights = weights
+        self.warned: set[tuple[str, str]] = set()
         self.history: list[tuple[float, float]] = []  # (train loss, validation loss) at each evaluation
         self.last_train: float | None = None
 
@@ -128,7 +145,7 @@ class JsonlLogger(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             row = {"step": state.global_step, "split": "train", "loss": logs["loss"]}
-            row.update({k: logs[k] for k in ("kd", "ce", "learning_rate", "grad_norm") if k in logs})
+            row.update({k: v for k, v in logs.items() if k in self.weights or k in ("learning_rate", "grad_norm")})
             self.last_train = logs["loss"]
             self._check_balance(logs)
         elif "eval_loss" in logs:
@@ -142,16 +159,23 @@ class JsonlLogger(TrainerCallback):
     def _check_balance(self, logs: dict) -> None:
         # Weighted terms, as they enter the loss; users of other toolkits find a KD weight silently
         # meaningless when one term is orders of magnitude larger than the other.
-        if self.warned_balance or not (0 < self.alpha < 1) or "kd" not in logs:
+        weighted = {k: w * logs[k] for k, w in self.weights.items() if w > 0 and k in logs and logs[k] > 0}
+        if len(weighted) < 2:
             return
-        kd, ce = self.alpha * logs["kd"], (1 - self.alpha) * logs["ce"]
-        if min(kd, ce) > 0 and max(kd, ce) / min(kd, ce) > 100:
-            big, small = ("kd", "ce") if kd > ce else ("ce", "kd")
+        big = max(weighted, key=weighted.get)
+        small = min(weighted, key=weighted.get)
+        if weighted[big] / weighted[small] > 100 and (big, small) not in self.warned:
+            knob = "the transfer weight" if "transfer" in big + small else "distillation.alpha or .temperature"
             log.warning(
-                "loss term %s (%.3g) outweighs %s (%.3g) by more than 100x: %s barely affects training; "
-                "adjust distillation.alpha or distillation.temperature", big, max(kd, ce), small, min(kd, ce), small,
+                "loss term %s (%.3g) outweighs %s (%.3g) by more than 100x: %s barely affects training; adjust %s",
+                big,
+                weighted[big],
+                small,
+                weighted[small],
+                small,
+                knob,
             )
-            self.warned_balance = True
+            self.warned.add((big, small))
 
     def _check_overfitting(self, val_loss: float) -> None:
         if self.last_train is None:
@@ -162,7 +186,10 @@ class JsonlLogger(TrainerCallback):
             if t2 < t1 < t0 and v2 > v1 > v0:
                 log.warning(
                     "overfitting: validation loss rose twice (%.4f -> %.4f -> %.4f) while training loss fell; "
-                    "consider fewer steps, more data or training.early_stopping_patience", v0, v1, v2,
+                    "consider fewer steps, more data or training.early_stopping_patience",
+                    v0,
+                    v1,
+                    v2,
                 )
 
 
@@ -170,12 +197,23 @@ class RichProgress(TrainerCallback):
     """One progress bar for the steps with the latest loss terms (replaces Trainer's tqdm bars and dict prints)."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
-            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
         )
         self.task = None
 
@@ -189,7 +227,9 @@ class RichProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" in logs:
-            self.status = f"loss {logs['loss']:.3f}" + (f" kd {logs['kd']:.3f} ce {logs['ce']:.3f}" if "kd" in logs else "")
+            self.status = f"loss {logs['loss']:.3f}" + (
+                f" kd {logs['kd']:.3f} ce {logs['ce']:.3f}" if "kd" in logs else ""
+            )
         if "eval_loss" in logs:
             self.bar.console.log(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
         self.bar.update(self.task, status=getattr(self, "status", ""))
@@ -200,8 +240,9 @@ class RichProgress(TrainerCallback):
 
 def training_arguments(cfg: TrainingConfig, out_dir: Path, has_validation: bool) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda and torch.cuda.is_bf16_supported()
-                                                               else "fp32")
+    precision = (
+        cfg.precision if cfg.precision != "auto" else ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
+    )
     eval_steps = min(cfg.eval_every, cfg.max_steps)
     # Checkpoints must fall on evaluation steps for best-model tracking.
     save_steps = max(eval_steps, (cfg.save_every // eval_steps) * eval_steps)
@@ -242,39 +283,93 @@ def train_student(
     student: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     teacher: PreTrainedModel | None,
-    train_examples: list[dict],
-    validation_examples: list[dict],
+    train_examples: Sequence[dict],
+    validation_examples: Sequence[dict],
     training: TrainingConfig,
     distillation: DistillationConfig,
     out_dir: Path,
+    *,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    extra_teachers: Sequence[tuple[PreTrainedModel, float]] = (),
+    logit_cache: LogitCache | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """Train the student; resumes from the last checkpoint in `out_dir` if one exists. Returns (model, summary)."""
+    """Train the student; resumes from the last checkpoint in `out_dir` if one exists. Returns (model, summary).
+
+    Args:
+        student: the model to train (a PEFT model trains its adapters only).
+        tokenizer: the student's tokenizer; `train_examples` are encoded with it.
+        teacher: the main teacher, in memory; None for `mode: sequence` or a run from `logit_cache`.
+        train_examples, validation_examples: encoded examples (`input_ids`, `labels`); examples may also carry
+            sparse teacher targets (`teacher_topk`, see `Collator`), which then stand in for the teacher.
+        teacher_tokenizer: checked against `tokenizer` (token -> id maps) before any token-level KD; None means
+            the teacher uses `tokenizer`.
+        extra_teachers: (model, weight) members of a teacher mixture; the main teacher has weight 1.
+        logit_cache: cached top-k teacher targets of these examples; the teacher is then not needed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     if training.num_threads:
         torch.set_num_threads(training.num_threads)
     kd = loss_config(distillation)
+    has_targets = bool(train_examples) and "teacher_topk" in train_examples[0]
+    check_teacher_signal(
+        distillation, teacher=teacher is not None, cache=logit_cache is not None, targets_in_data=has_targets
+    )
+    live = teacher is not None and logit_cache is None and (kd.alpha > 0 or bool(distillation.transfer))
+    teachers, weights, vocab_size = [], None, None
+    if live:
+        vocab_size = shared_vocab_size(
+            teacher_tokenizer or tokenizer, tokenizer, head_rows(teacher), head_rows(student)
+        )
+        teachers = [teacher, *(model for model, _ in extra_teachers)]
+        if extra_teachers:  # same tokenizer (load_extra_teachers checks), maybe other padding of the head
+            weights = [1.0, *(w for _, w in extra_teachers)]
+            vocab_size = min(vocab_size, *(head_rows(model) for model, _ in extra_teachers))
+    if logit_cache is not None:
+        train_examples = logit_cache.dataset("train", train_examples)
+        if validation_examples:
+            validation_examples = logit_cache.dataset("validation", validation_examples)
+    transfer = LayerTransfer(distillation.transfer, student, teacher) if distillation.transfer else None
+    on_policy = None
+    if distillation.mode == "on_policy" and distillation.on_policy_fraction > 0:
+        on_policy = OnPolicySampler.for_model(student, tokenizer, distillation.on_policy_fraction, training.seed)
+
     args = training_arguments(training, out_dir / "checkpoints", bool(validation_examples))
-    callbacks: list[TrainerCallback] = [JsonlLogger(out_dir / "training_log.jsonl", kd.alpha), RichProgress()]
+    term_weights = {"kd": kd.alpha, "ce": 1 - kd.alpha}
+    term_weights.update({f"transfer/{i}": p.weight for i, p in enumerate(distillation.transfer)})
+    callbacks: list[TrainerCallback] = [JsonlLogger(out_dir / "training_log.jsonl", term_weights), RichProgress()]
     if training.early_stopping_patience and validation_examples:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
-    trainer = DistillTrainer(
-        model=student,
-        args=args,
-        train_dataset=train_examples,
-        eval_dataset=validation_examples or None,
-        data_collator=Collator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        teacher=teacher if kd.alpha > 0 else None,
-        kd=kd,
-    )
-    trainer.remove_callback(ProgressCallback)
-    last = _last_checkpoint(out_dir / "checkpoints")
-    if last:
-        log.info("resuming training from %s", last)
-    else:
-        (out_dir / "training_log.jsonl").unlink(missing_ok=True)
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    attention_before = []
+    if transfer is not None:
+        transfer.attach(student)  # before Trainer makes the optimizer, so it trains the projections
+        if transfer.needs_attention:
+            attention_before = [(m, use_eager_attention(m)) for m in (student, teacher)]
+    try:
+        trainer = DistillTrainer(
+            model=student,
+            args=args,
+            train_dataset=train_examples,
+            eval_dataset=validation_examples or None,
+            data_collator=Collator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            loss=DistillLoss(kd, teachers, weights, transfer, vocab_size),
+            on_policy=on_policy,
+        )
+        trainer.remove_callback(ProgressCallback)  # RichProgress replaces the tqdm bars and the dict prints
+        trainer.remove_callback(PrinterCallback)
+        last = _last_checkpoint(out_dir / "checkpoints")
+        if last:
+            log.info("resuming training from %s", last)
+        else:
+            (out_dir / "training_log.jsonl").unlink(missing_ok=True)
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        model = trainer.model
+    finally:
+        LayerTransfer.detach(student)
+        for m, before in attention_before:
+            restore_attention(m, before)
+    LayerTransfer.detach(model)
     summary = {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
@@ -282,7 +377,37 @@ def train_student(
         "best_validation_loss": trainer.state.best_metric,
         "resumed_from": str(last) if last else None,
     }
-    return trainer.model, summary
+    return model, summary
+
+
+def check_teacher_signal(cfg: DistillationConfig, *, teacher: bool, cache: bool, targets_in_data: bool = False) -> None:
+    """Raise one DistillError listing every combination of mode, teacher, cache and transfer that cannot work.
+
+    Args:
+        teacher: a teacher model is in memory for training.
+        cache: training reads the teacher's targets from a logit cache.
+        targets_in_data: the examples carry their own sparse teacher targets.
+
+    TODO(config.py): the parts that depend on the job file alone belong in its validation.
+    """
+    problems = []
+    if cfg.mode == "on_policy" and cache:
+        problems.append(
+            "distillation.mode: on_policy scores the student's own answers with the live teacher, so it cannot "
+            "train from distillation.logit_cache; set logit_cache: false"
+        )
+    if cfg.transfer and (not teacher or cache or cfg.mode == "sequence"):
+        problems.append(
+            "distillation.transfer needs the teacher's layers in memory: it works with mode: logit or on_policy "
+            "and logit_cache: false"
+        )
+    if cfg.mode != "sequence" and cfg.alpha > 0 and not (teacher or cache or targets_in_data):
+        problems.append(
+            f"distillation.mode: {cfg.mode} needs a local teacher (or distillation.logit_cache: true); "
+            "with an API teacher use mode: sequence"
+        )
+    if problems:
+        raise DistillError("; ".join(problems))
 
 
 def _last_checkpoint(folder: Path) -> Path | None:

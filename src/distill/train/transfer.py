@@ -74,8 +74,9 @@ class LayerTransfer(nn.Module):
                     self.projections[str(i)] = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size, bias=False)
         heads = (s_cfg.num_attention_heads, t_cfg.num_attention_heads)
         if self.needs_attention and heads[0] != heads[1]:
-            log.info("transfer: %d student vs %d teacher attention heads; attention maps are compared head-averaged",
-                     *heads)
+            log.info(
+                "transfer: %d student vs %d teacher attention heads; attention maps are compared head-averaged", *heads
+            )
         param = next(base_model(student).parameters())
         self.to(device=param.device, dtype=param.dtype)
 
@@ -148,7 +149,8 @@ class LayerTransfer(nn.Module):
                 terms.append(attention_transfer_loss(s[:, :, :-1], t[:, :, :-1], mask, num_items=num_items))
             else:
                 s, t = student[("hidden", p.student)], teacher[("hidden", p.teacher)]
-                proj = self.projections[str(i)] if str(i) in self.projections else None
+                key = str(i)
+                proj = self.projections[key] if key in self.projections else None  # noqa: SIM401 (no ModuleDict.get)
                 terms.append(hidden_state_loss(s[:, :-1], t[:, :-1], mask, p.loss, proj, num_items=num_items))
         return terms
 
@@ -167,8 +169,9 @@ def use_eager_attention(model: nn.Module) -> str | None:
     before = getattr(base.config, "_attn_implementation", None)
     if before != "eager":
         base.set_attn_implementation("eager")
-        log.info("transfer: %s switched from %s to eager attention for attention-map transfer",
-                 type(base).__name__, before)
+        log.info(
+            "transfer: %s switched from %s to eager attention for attention-map transfer", type(base).__name__, before
+        )
     return before
 
 
