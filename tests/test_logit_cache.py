@@ -25,14 +25,6 @@ K = 8
 TEACHER = [{"model": "tiny-teacher", "weight": 1.0}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def splits(tiny_tokenizer):
     train = encode_records(tiny_tokenizer, qa_records(24), 64)

@@ -83,15 +83,6 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors here are tiny: intra-op threads only spin, and on a busy 2-core box that makes the module 3x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)

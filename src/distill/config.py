@@ -317,7 +317,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate a job file; raise one `DistillError` listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise DistillError(f"{path}: job file not found. Pass the path of a YAML job file, e.g. examples/quickstart.yaml")
+        raise DistillError(f"{path}: job file not found. Pass a YAML job file, e.g. examples/quickstart.yaml")
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}
@@ -451,7 +451,7 @@ def describe_fields(model: type[BaseModel] = JobConfig, prefix: str = "") -> lis
         key = f"{prefix}{field.alias or name}"
         ann = field.annotation
         inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if inner and not (getattr(ann, "__origin__", None) is list):
+        if inner and getattr(ann, "__origin__", None) is not list:
             rows.append((key, "", field.description or (inner[0].__doc__ or "").strip().splitlines()[0]))
             rows.extend(describe_fields(inner[0], key + "."))
         else:

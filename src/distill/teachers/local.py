@@ -104,7 +104,8 @@ def generate_texts(
     prompt_ids = [chat_prompt_ids(tokenizer, m) for m in conversations]
     out: list = [None] * len(prompt_ids)
     for batch in length_buckets([len(p) for p in prompt_ids], params.batch_size):
-        for i, (ids, reason, _) in zip(batch, generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], params)):
+        answers = generate_batch(model, tokenizer, [prompt_ids[i] for i in batch], params)
+        for i, (ids, reason, _) in zip(batch, answers, strict=True):
             out[i] = (tokenizer.decode(ids, skip_special_tokens=True).strip(), reason, len(prompt_ids[i]), len(ids))
         if on_batch:
             on_batch(len(batch))
