@@ -247,7 +247,10 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 on CUDA, fp32 else.")
     seed: int = Field(0)
-    num_threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).")
+    num_threads: int | None = Field(
+        None, gt=0, description="CPU threads for torch in every stage (default: all cores). Use 1 on a busy machine: "
+        "idle OpenMP threads spin and can make small-batch work many times slower.",
+    )
 
 
 # --------------------------------------------------------------------------------------------- evaluation

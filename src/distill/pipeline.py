@@ -73,6 +73,8 @@ class Run:
 def prepare(job: JobConfig) -> Run:
     """Check every input (prompts, teacher) before the run folder is touched."""
     t0 = time.perf_counter()
+    if job.training.num_threads:  # every stage: generation and evaluation too
+        torch.set_num_threads(job.training.num_threads)
     prompts = load_prompts(
         job.resolve(job.data.prompts), columns=job.data.columns or None, task=job.data.task,
         limit=job.data.limit, system_prompt=job.teacher.system_prompt,

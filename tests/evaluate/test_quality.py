@@ -101,6 +101,24 @@ def test_kl_against_a_different_model_is_positive(tiny_models):
     assert stats["teacher"].mean_kl is None  # the reference is not compared with itself
 
 
+def test_kl_direction_and_top1_equal_a_plain_computation(tiny_models):
+    (teacher, tok), (student, _) = tiny_models["teacher"], tiny_models["student"]
+    stats = teacher_forced_stats({"t": (teacher, tok), "s": (student, tok)}, CONVERSATIONS, ANSWERS, "t", batch_size=2)
+    kl, top1, count = 0.0, 0, 0
+    for conv, answer in zip(CONVERSATIONS, ANSWERS, strict=True):
+        ids, p = _encode(tok, conv, answer)
+        with torch.no_grad():
+            t_logits = teacher(torch.tensor([ids])).logits[0, p - 1 : len(ids) - 1].float()
+            s_logits = student(torch.tensor([ids])).logits[0, p - 1 : len(ids) - 1, : t_logits.shape[-1]].float()
+        pt, ps = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
+        kl += float((pt * (pt.log() - ps.log())).sum())  # KL(teacher || student), summed over tokens
+        top1 += int((pt.argmax(-1) == ps.argmax(-1)).sum())
+        count += len(ids) - p
+    assert stats["s"].compared == count
+    assert stats["s"].mean_kl == pytest.approx(kl / count, rel=1e-4)
+    assert stats["s"].top1_agreement == pytest.approx(top1 / count)
+
+
 def test_perplexity_counts_answer_tokens_only(tiny_models):
     model, tok = tiny_models["teacher"]
     # Batched with padding vs the plain way: one unpadded forward pass per example.

@@ -11,8 +11,10 @@ The stages, in order:
 5. health of every model's answers, and the forgetting check (student vs initial student);
 6. the comparison against the teacher and the gate verdict.
 
-The returned dict is `metrics.json` (layout in `docs`/the report): `meta`, `models` (per model:
-`main`, `quality`, `fidelity`, `efficiency`), `comparison`, `health` and `samples`.
+The returned dict is `metrics.json`: `meta` (task, roles, main metric, settings), `models` (per model:
+`main`, `quality` against the gold reference, `fidelity` to the teacher, `efficiency`), `comparison`
+(ratios against the teacher and the gate), `health` (per model, plus `forgetting`) and `samples`
+(every prompt with every model's answer).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import contextlib
 import logging
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,10 +33,10 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import EvaluationConfig
+from distill.config import EvaluationConfig, GateConfig
 from distill.data.presets import TaskPreset, get_preset
-from distill.errors import DistillError
-from distill.evaluate.compare import compare_models, gate_summary
+from distill.errors import DistillError, GateFailed
+from distill.evaluate.compare import check_gate, compare_models, gate_summary
 from distill.evaluate.efficiency import measure_efficiency
 from distill.evaluate.quality import answer_health, exact_match, rouge, teacher_forced_stats, text_metrics
 from distill.teachers.base import GenerationParams, Message
@@ -322,3 +324,43 @@ def _step(bar: Progress | None, label: str) -> None:
     log.debug("evaluation: %s", label)
     if bar:
         bar.console.log(label)
+
+
+def evaluate_file(
+    *,
+    teacher: str,
+    student: str,
+    data: Path,
+    baselines: Sequence[str] = (),
+    task: str = "conversation",
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    out_dir: Path = Path("runs/eval"),
+    min_retention: float | None = None,
+    min_speedup: float | None = None,
+) -> Path:
+    """`distill eval`: compare a student with its teacher (and baselines) on any prompt file; returns report.md.
+
+    Raises `GateFailed` naming every missed threshold (after the report is written).
+    """
+    from distill.data.formats import load_prompts
+    from distill.evaluate.report import write_report
+    from distill.io import atomic_write_json
+    from distill.models import load_model, resolve_reference
+
+    prompts = load_prompts(data, task=task, limit=limit)
+    records = [{"messages": p.messages, "reference": p.reference} for p in prompts]
+    refs = {"teacher": teacher, "student": student, **{b: b for b in baselines}}
+    models = {name: load_model(ref) for name, ref in refs.items()}
+    dirs = {name: resolve_reference(ref) for name, ref in refs.items()}
+    cfg = EvaluationConfig(max_new_tokens=max_new_tokens, gate=GateConfig(min_retention=min_retention,
+                                                                          min_speedup=min_speedup))
+    params = GenerationParams(max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)
+    metrics = evaluate_models(models, records, cfg, params, task, model_dirs=dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    md, _ = write_report(out_dir, metrics)
+    failed = check_gate(metrics, cfg.gate)
+    if failed:
+        raise GateFailed("deploy gate failed: " + "; ".join(failed) + f". Report: {md}")
+    return md

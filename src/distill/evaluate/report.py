@@ -92,7 +92,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _num(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:,.{digits}f}"
+    if v is None:
+        return "—"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.{digits}f}"  # decimals on a huge perplexity are noise
 
 
 def _pct(v: float | None) -> str:
@@ -100,7 +102,9 @@ def _pct(v: float | None) -> str:
 
 
 def _x(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}x"
+    if v is None:
+        return "—"
+    return f"{v:,.0f}x" if abs(v) >= 100 else f"{v:.2f}x"
 
 
 def _bytes(v: float | None) -> str:

@@ -307,8 +307,6 @@ def train_student(
         logit_cache: cached top-k teacher targets of these examples; the teacher is then not needed.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if training.num_threads:
-        torch.set_num_threads(training.num_threads)
     kd = loss_config(distillation)
     has_targets = bool(train_examples) and "teacher_topk" in train_examples[0]
     check_teacher_signal(
