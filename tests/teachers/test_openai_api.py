@@ -13,8 +13,8 @@ import pytest
 
 from distill.config import ApiConfig
 from distill.errors import DistillError
-from distill.teachers.base import GenerationParams, Prompt, Teacher
-from distill.teachers.openai_api import OpenAITeacher, apply_system_prompt
+from distill.teachers.base import GenerationParams, Prompt, Teacher, apply_system_prompt
+from distill.teachers.openai_api import OpenAITeacher
 
 try:  # tests/teachers as a package or as a plain folder on sys.path (pytest's default)
     from .fake_openai_server import FakeOpenAI, serve

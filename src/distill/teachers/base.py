@@ -13,6 +13,13 @@ from typing import Any, Protocol, runtime_checkable
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
 
+def apply_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """The teacher's system prompt before `messages`, unless they bring their own system message."""
+    if not system_prompt or any(m.get("role") == "system" for m in messages):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling controls shared by every backend (mirrors `config.GenerationConfig`)."""

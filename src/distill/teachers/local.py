@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.teachers.base import Completion, GenerationParams, Message, Prompt
+from distill.teachers.base import Completion, GenerationParams, Message, Prompt, apply_system_prompt
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
@@ -124,14 +124,11 @@ class LocalTeacher:
     ):
         self.model, self.tokenizer, self.name, self.system_prompt = model, tokenizer, name, system_prompt
 
-    def _messages(self, prompt: Prompt) -> list[Message]:
-        if self.system_prompt and not any(m["role"] == "system" for m in prompt.messages):
-            return [{"role": "system", "content": self.system_prompt}, *prompt.messages]
-        return prompt.messages
-
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> Iterator[list[Completion]]:
         jobs = [(p, s) for p in prompts for s in range(params.n)]
-        prompt_ids = {p.id: chat_prompt_ids(self.tokenizer, self._messages(p)) for p in prompts}
+        prompt_ids = {
+            p.id: chat_prompt_ids(self.tokenizer, apply_system_prompt(p.messages, self.system_prompt)) for p in prompts
+        }
         for batch in length_buckets([len(prompt_ids[p.id]) for p, _ in jobs], params.batch_size):
             chunk = [jobs[i] for i in batch]
             seed_offset = min(s for _, s in chunk) * 100_003 + batch[0]

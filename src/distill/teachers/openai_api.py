@@ -36,20 +36,13 @@ import httpx
 
 from distill.config import ApiConfig
 from distill.errors import DistillError
-from distill.teachers.base import Completion, GenerationParams, Message, Prompt
+from distill.teachers.base import Completion, GenerationParams, Prompt, apply_system_prompt
 
 log = logging.getLogger("distill")
 
 _DONE = object()  # end-of-run marker on the queue between the request thread and `generate`
 _FATAL_STATUS = {401: "the API key was refused", 403: "access was denied", 404: "no such endpoint or model"}
 _MAX_RETRY_AFTER_S = 300.0  # a larger Retry-After is more likely garbage than advice
-
-
-def apply_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
-    """The teacher's system prompt before `messages`, unless they bring their own system message."""
-    if not system_prompt or any(m.get("role") == "system" for m in messages):
-        return list(messages)
-    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 @dataclass

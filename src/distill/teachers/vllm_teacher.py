@@ -11,8 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from distill.errors import DistillError
-from distill.teachers.base import Completion, GenerationParams, Prompt
-from distill.teachers.openai_api import apply_system_prompt
+from distill.teachers.base import Completion, GenerationParams, Prompt, apply_system_prompt
 
 # Prompts per `LLM.chat` call: large enough to keep the engine's continuous batching full,
 # small enough that an interrupted run loses little.
