@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -151,6 +152,33 @@ def run_case(script: str | Path, *args: object, timeout: float | None = None) ->
     if done.returncode != 0 or not lines:
         raise SystemExit(f"case {' '.join(map(str, args))} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def run_cases(script: str | Path, cases: dict[str, Sequence[object]], repeats: int = 1) -> dict[str, list[dict]]:
+    """Run every case ``repeats`` times, interleaved (A B C A B C), each in a fresh process: results per case.
+
+    Interleaving spreads each case over the whole run, so a burst of other work on a shared machine does not land
+    on one case only; take the best (:func:`best`) of each case's runs.
+    """
+    results: dict[str, list[dict]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, args in cases.items():
+            results[name].append(run_case(script, *args))
+    return results
+
+
+def best(runs: Sequence[dict], key: str) -> dict:
+    """The run with the smallest ``key`` (time): the one least disturbed by other jobs on the machine."""
+    return min(runs, key=lambda r: r[key])
+
+
+def load_average() -> str:
+    """The machine's load average, printed with the figures: timings taken on a busy machine say so."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average n/a"
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min) on {os.cpu_count()} cpus"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

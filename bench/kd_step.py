@@ -61,11 +61,13 @@ from transformers import TrainerCallback
 from _common import (
     MIB,
     PeakMemory,
+    best,
     device_name,
     emit_case,
+    load_average,
     pick_device,
     print_table,
-    run_case,
+    run_cases,
     summary_line,
     synchronize,
 )
@@ -288,39 +290,54 @@ def _settled_bytes(meter: PeakMemory) -> int:
     return meter.base
 
 
-def main() -> None:
+def main(repeats: int) -> None:
     print(
         f"KD training step: forward KL, T={TEMPERATURE:g}, alpha={ALPHA:g}, batch {BATCH} x {SEQ_LEN} tokens, "
         f"student {KEEP_LAYERS}/30 layers of {TEACHER}, on {device_name()} "
-        f"({'bf16' if torch.cuda.is_available() else 'fp32'})"
+        f"({'bf16' if torch.cuda.is_available() else 'fp32'}); best of {repeats} runs x {MEASURED_STEPS} steps per case"
     )
+    print(f"at start: {load_average()}")
     cases = ["ours", "trl"] + (["ours+cache"] if HAS_CACHE else [])
-    results = {case: run_case(__file__, case) for case in cases}
-    trl = results["trl"]
-    print(
-        f"memory method: {trl['method']}; all step times (warm-up first): "
-        + ", ".join(f"{c} {r['all_step_s']}" for c, r in results.items())
-    )
-    headers = [
-        "case", "step s", "tok/s", "speedup", "teacher s", "student fwd s", "optim s", "rest s",
-        "weights MiB", "train MiB", "total MiB", "step MiB", "train/TRL", "total/TRL",
-    ]  # fmt: skip
-    rows = []
-    for case, r in results.items():
+    runs = run_cases(__file__, {case: (case,) for case in cases}, repeats)
+    print(f"at end:   {load_average()}")
+    results = {}
+    for case in cases:  # time: the best step of all runs; memory: the largest figure (it does not depend on load)
+        results[case] = r = dict(best(runs[case], "step_s"))
+        for key in ("weights_mib", "train_mib", "step_mib"):
+            values = [run[key] for run in runs[case] if run[key] is not None]
+            r[key] = max(values) if values else None
         r["total_mib"] = r["weights_mib"] + r["train_mib"]
-        rows.append([
-            case, r["step_s"], r["tokens"] / r["step_s"], trl["step_s"] / r["step_s"], r["teacher_s"],
-            r["student_fwd_s"], r["optim_s"], r["rest_s"], r["weights_mib"], r["train_mib"], r["total_mib"],
-            "n/a" if r["step_mib"] is None else r["step_mib"], r["train_mib"] / trl["train_mib"],
-            r["total_mib"] / trl["total_mib"],
-        ])  # fmt: skip
+        r["all_step_s"] = " | ".join(" ".join(f"{t:.1f}" for t in run["all_step_s"]) for run in runs[case])
+    trl = results["trl"]
+
+    print("\ntime of one training step (best measured step; 'rest' = LM head + loss + backward + grad clipping)")
+    rows = [
+        [case, r["step_s"], r["tokens"] / r["step_s"], trl["step_s"] / r["step_s"], r["teacher_s"],
+         r["student_fwd_s"], r["optim_s"], r["rest_s"], r["all_step_s"]]
+        for case, r in results.items()
+    ]  # fmt: skip
     if not HAS_CACHE:
-        rows.append(["ours+cache", "n/a: logit cache not built yet", *[""] * (len(headers) - 2)])
-    print_table(headers, rows)
+        rows.append(["ours+cache", *["n/a"] * 7, "n/a: logit cache not built yet (src/distill/logit_cache.py)"])
+    print_table(
+        ["case", "step s", "tok/s", "speedup", "teacher s", "student fwd s", "optim s", "rest s",
+         "all steps s (warm-up first, per run)"],
+        rows,
+    )  # fmt: skip
+
+    print(f"\npeak memory above the process with its imports ({trl['method']})")
+    rows = [
+        [case, r["weights_mib"], r["train_mib"], r["total_mib"], "n/a" if r["step_mib"] is None else r["step_mib"],
+         r["train_mib"] / trl["train_mib"], r["total_mib"] / trl["total_mib"]]
+        for case, r in results.items()
+    ]  # fmt: skip
+    if not HAS_CACHE:
+        rows.append(["ours+cache", *["n/a"] * 6])
+    print_table(["case", "weights MiB", "train MiB", "total MiB", "step MiB", "train/TRL", "total/TRL"], rows)
+
     ours = results["ours"]
     print(
-        f"tokens per step: {ours['tokens']} (all, used for tok/s), of which {ours['label_tokens']} carry labels; "
-        "'rest s' = LM head + loss + backward + clipping"
+        f"\ntokens per step: {ours['tokens']} (all of them: tok/s counts these), of which {ours['label_tokens']} "
+        "carry labels"
     )
     figures: dict[str, object] = {
         "speedup": trl["step_s"] / ours["step_s"],
@@ -340,9 +357,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="runs of every case, interleaved; the best counts")
     parser.add_argument("--case", help="run one measured case (internal)")
     args = parser.parse_args()
     if args.case:
         child(args.case)
     else:
-        main()
+        main(args.repeats)

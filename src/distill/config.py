@@ -217,7 +217,9 @@ class DistillationConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha goes to hard-label CE.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD interpolation (0 forward KL, 1 reverse KL).")
     skew: float = Field(0.1, ge=0, le=1, description="Skew lambda of skew KL divergences.")
-    chunk_size: int = Field(1024, gt=0, description="Tokens per chunk of the fused loss.")
+    chunk_size: int = Field(
+        256, gt=0, description="Valid positions per chunk of the fused loss; smaller uses less memory."
+    )
     on_policy_fraction: float = Field(
         0.5, ge=0, le=1, description="With `mode: on_policy`: fraction of samples the student generates (GKD lambda)."
     )

@@ -68,7 +68,7 @@ class KDLossConfig:
     """Generalised JSD interpolation (GKD / TRL): 0 is forward KL(p||q), 1 is reverse KL(q||p)."""
     skew: float = 0.1
     """Skew lambda of ``skew_forward_kl`` / ``skew_reverse_kl`` (DistiLLM)."""
-    chunk_size: int = 1024
+    chunk_size: int = 256
     """Valid positions projected to logits at a time by ``kd_loss_from_hidden``; smaller = less memory."""
     ignore_index: int = -100
     """Label value that masks a position."""
@@ -614,7 +614,7 @@ def ce_loss_from_hidden(
     labels: torch.Tensor,
     num_items: int | torch.Tensor | None = None,
     head_bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Hard-label CE (T = 1) from hidden states ``[B, T, H]``, without ``[N, V]`` logits: the fused path, no teacher.
