@@ -45,6 +45,15 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def use_threads(n: int | None) -> None:
+    """Pin torch's CPU threads here and in every case process started after (``OMP_NUM_THREADS``); None: torch's
+    default (one per core). On a machine shared with other jobs, 1 thread avoids OpenMP threads waiting on each
+    other while descheduled, which can slow a 2-thread run 3-10x and makes timings meaningless."""
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        torch.set_num_threads(n)
+
+
 def device_name() -> str:
     """A short description of the machine the figures come from, for the table's title."""
     if torch.cuda.is_available():

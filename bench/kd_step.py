@@ -70,6 +70,7 @@ from _common import (
     run_cases,
     summary_line,
     synchronize,
+    use_threads,
 )
 from distill.config import DistillationConfig, TrainingConfig
 from distill.models import load_model
@@ -358,9 +359,11 @@ def main(repeats: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of every case, interleaved; the best counts")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core); 1 on a busy machine")
     parser.add_argument("--case", help="run one measured case (internal)")
     args = parser.parse_args()
     if args.case:
         child(args.case)
     else:
+        use_threads(args.threads)
         main(args.repeats)
