@@ -1,6 +1,6 @@
 """Tiny random models for the evaluation tests: a 2-layer "teacher", a 1-layer "student", no downloads.
 
-Teacher and student share one word-level tokenizer trained here on a few sentences; the student's
+Teacher and student share the word-level tokenizer of tests/tiny.py; the student's
 embedding table is larger than the tokenizer (a padded vocab, as real checkpoints have), which
 exercises the shared-first-min(V)-ids path of the KL.
 """
@@ -11,25 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from distill.config import EvaluationConfig
 from distill.evaluate.harness import INITIAL_STUDENT, evaluate_models
 from distill.teachers.base import GenerationParams
+from tiny import make_tokenizer, tiny_llama
 
-SENTENCES = [
-    "user: what is two plus two ?",
-    "assistant: two plus two is four .",
-    "user: name a colour of the sky .",
-    "assistant: the sky is blue on a clear day .",
-    "user: how many legs does a cat have ?",
-    "assistant: a cat has four legs and a tail .",
-    "system: you are a helpful assistant .",
-    "user: say hello to the world in one word .",
-    "assistant: hello world , it is a fine day to learn and to teach .",
-]
 PROMPTS = [
     "what is two plus two ?",
     "name a colour of the sky .",
@@ -38,44 +26,18 @@ PROMPTS = [
 ]
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
-    assert len(fast) < 100
-    return fast
-
-
 def make_models(tokenizer: PreTrainedTokenizerFast) -> dict:
     """{"teacher": 2 layers, "student": 1 layer (padded vocab), "initial student": 1 layer, other seed}."""
     return {
-        "teacher": (tiny_llama(2, 128, 0, tokenizer), tokenizer),
-        "student": (tiny_llama(1, 160, 1, tokenizer), tokenizer),
-        INITIAL_STUDENT: (tiny_llama(1, 160, 2, tokenizer), tokenizer),
+        "teacher": (tiny_llama(2, 0, tokenizer, vocab_size=128), tokenizer),
+        "student": (tiny_llama(1, 1, tokenizer, vocab_size=160), tokenizer),
+        INITIAL_STUDENT: (tiny_llama(1, 2, tokenizer, vocab_size=160), tokenizer),
     }
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
-
-
-def tiny_llama(layers: int, vocab_size: int, seed: int, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")
