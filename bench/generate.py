@@ -1,7 +1,11 @@
 """Local-teacher generation throughput: our batched, length-bucketed generation vs one prompt at a time.
 
 Run with no arguments: ``python bench/generate.py`` (``DISTILL_HOME`` pointing at a cache where the built-in teacher
-is already converted saves ~40 s on the first run). Takes a few minutes on 2 CPU cores.
+is already converted saves ~40 s on the first run). Six processes (3 cases x 2 interleaved runs, ``--repeats``; the
+best run of each case counts): about 8 minutes on 2 CPU cores busy with other jobs with ``--threads 1``. On such a
+machine use ``--threads 1``: with 2 threads, OpenMP threads wait on each other while descheduled and small decoding
+matmuls slow down 3-10x, unevenly between cases, so the ratios mean nothing (see ``use_threads`` in
+bench/_common.py).
 
 What is measured, on the built-in teacher (SmolLM2-135M-Instruct), CUDA in bf16 when available, else CPU in fp32:
 
@@ -15,7 +19,7 @@ rendered with the tokenizer's chat template), the same ``max_new_tokens`` (32), 
 warm-up call before the clock starts. Tokens are counted the same way for both: the answer's tokens up to and
 excluding the first end-of-sequence token (the model's or the tokenizer's EOS), so tokens generated after a short
 answer finished, while the rest of its batch goes on, do not count. ``tok/s`` is those tokens over the wall-clock
-seconds of the whole loop (tokenising, generating and decoding all prompts).
+seconds of the whole loop (tokenising, generating and decoding all prompts), in the best of the case's runs.
 
 ``agree`` is the number of prompts whose decoded answer is identical to the one-by-one answer. Greedy decoding is
 deterministic, but left padding changes the shapes of the matmuls, so near-ties in the logits can flip a token now

@@ -1,7 +1,9 @@
 """One KD training step with the teacher in the loop: our `train_student` vs TRL's `GKDTrainer`, same batch.
 
 Run with no arguments: ``python bench/kd_step.py`` (``DISTILL_HOME`` pointing at a cache where the built-in teacher
-is already converted saves ~40 s). Takes about 5-8 minutes on 2 idle CPU cores.
+is already converted saves ~40 s). Six processes (3 cases x 2 interleaved runs, ``--repeats``): about 5 minutes on
+2 CPU cores with ``--threads 1``, up to 10 with 2 threads on a machine busy with other jobs, where ``--threads 1``
+also gives steadier figures (see ``use_threads`` in bench/_common.py).
 
 Setting, the same for every case: teacher SmolLM2-135M-Instruct (30 layers, vocabulary 49,152); student its depth-
 pruned copy with 10 of the 30 layers (``prune_layers(teacher, uniform_layers(30, 10))``); one fixed batch of 4
@@ -23,14 +25,17 @@ our default ``TrainingConfig``; CUDA in bf16 when available, else CPU in fp32. C
 
 Each case runs 1 warm-up step and then 2 measured steps with ``Trainer.train()``; a callback times each step from
 ``on_step_begin`` to ``on_step_end``: forward of teacher and student, loss, backward, gradient clipping, optimiser
-step and ``zero_grad``. ``step s`` is the best measured step (the least disturbed by other jobs on the machine);
+step and ``zero_grad``. ``step s`` is the best measured step of all runs of the case (the least disturbed by other
+jobs on the machine); every step time is printed too, the warm-up step first.
 ``tok/s`` counts all tokens of the batch (4 x 256, prompt and answer: both models process every one), so it is
 the same work for every case. The breakdown (``teacher s``, ``student fwd s``, ``optim s``, ``rest s`` = LM
 head + loss + backward + clipping) comes from forward hooks on the two decoder trunks and the optimiser callbacks.
 
 Memory, per case (see bench/_common.py for the method: RSS on CPU, ``max_memory_allocated`` on CUDA):
 
-* ``weights MiB``: what loading the models added (teacher + student; the student alone with the cache);
+* ``weights MiB``: what the models hold (teacher + student; the student alone with the cache), read in once before
+  the baseline: safetensors weights are memory-mapped and would otherwise page in during the first step and count
+  as training memory;
 * ``train MiB``: the peak during training above the loaded models (the baseline is taken in ``on_train_begin``):
   gradients, optimiser state, activations, logits and loss temporaries. The headline ``memory_ratio`` is ours over
   TRL on this figure;
@@ -255,6 +260,16 @@ def build_cache(teacher, tokenizer, examples, out_dir: Path):
     return build_logit_cache(out_dir / "logit-cache", [(teacher, 1.0)], splits, settings)
 
 
+@torch.no_grad()
+def touch_weights(*models) -> None:
+    """Read every parameter once. Safetensors weights are memory-mapped and only become resident when first read,
+    so without this a model's first forward pass (inside the training) would count its weights as training memory.
+    """
+    for model in models:
+        for p in model.parameters():
+            p.sum()
+
+
 def child(case: str) -> None:
     """One measured case in its own process; prints one JSON line."""
     warnings.filterwarnings("ignore")
@@ -273,10 +288,12 @@ def child(case: str) -> None:
             cache = build_cache(teacher, tokenizer, examples, out)
             del teacher  # a cached run never loads the teacher
             gc.collect()
+            touch_weights(student)
             probe = StepProbe(device, student)
             weights = _settled_bytes(meter) - empty
             run_ours(student, tokenizer, None, examples, out / "run", probe, cache=cache)
         else:
+            touch_weights(teacher, student)
             probe = StepProbe(device, student, teacher)
             weights = _settled_bytes(meter) - empty
             if case == "ours":
