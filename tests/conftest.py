@@ -14,6 +14,7 @@ from tiny import make_tokenizer, tiny_llama, write_prompts
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -10,8 +10,9 @@ import yaml
 
 
 def distill(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "distill.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def assert_clean_failure(result, *needles):
@@ -57,8 +58,9 @@ def test_broken_data_line(tiny_job, tmp_path):
 
 
 def test_override_on_the_command_line(tiny_job):
-    assert_clean_failure(distill("generate", tiny_job, "training.learning_rate=-1"),
-                         "training.learning_rate: must be > 0, got -1")
+    assert_clean_failure(
+        distill("generate", tiny_job, "training.learning_rate=-1"), "training.learning_rate: must be > 0, got -1"
+    )
 
 
 @pytest.mark.parametrize("command", [["config"], ["models", "list"]])

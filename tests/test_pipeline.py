@@ -20,8 +20,17 @@ def test_run_end_to_end_then_reuse(tiny_job, caplog):
     caplog.set_level(logging.INFO, logger="distill")
     report = run_job(load_job(tiny_job))
     run = report.parent
-    for name in ("job.yaml", "data_summary.json", "metrics.json", "report.md", "report.html", "timings.json",
-                 "student/config.json", "student/model.safetensors", "training/training_log.jsonl"):
+    for name in (
+        "job.yaml",
+        "data_summary.json",
+        "metrics.json",
+        "report.md",
+        "report.html",
+        "timings.json",
+        "student/config.json",
+        "student/model.safetensors",
+        "training/training_log.jsonl",
+    ):
         assert (run / name).exists(), name
     shards = list((run / "synthetic").glob("part-*.jsonl"))
     records = [json.loads(line) for s in shards for line in s.read_text().splitlines()]

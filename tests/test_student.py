@@ -61,8 +61,14 @@ def test_build_student_from_teacher_with_importance(teacher, tiny_tokenizer):
 
 def test_build_student_from_config(teacher, tiny_tokenizer):
     cfg = StudentConfig.model_validate(
-        {"from": "config", "layers": 2, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
-         "intermediate_size": 48}
+        {
+            "from": "config",
+            "layers": 2,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 48,
+        }
     )
     student, _, info = build_student(cfg, teacher, tiny_tokenizer)
     assert student.config.hidden_size == 32 and student.config.num_hidden_layers == 2

@@ -31,8 +31,11 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides as key.pa
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(message)s", datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)], force=True,
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+        force=True,
     )
     for noisy in ("httpx", "httpcore", "transformers", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
@@ -105,8 +108,16 @@ def eval_(
     from distill.evaluate.harness import evaluate_file
 
     report = evaluate_file(
-        teacher=teacher, student=student, baselines=baseline or [], data=data, task=task, limit=limit,
-        max_new_tokens=max_new_tokens, out_dir=out, min_retention=min_retention, min_speedup=min_speedup,
+        teacher=teacher,
+        student=student,
+        baselines=baseline or [],
+        data=data,
+        task=task,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        out_dir=out,
+        min_retention=min_retention,
+        min_speedup=min_speedup,
     )
     console.print(f"[bold green]done.[/] report: {report}")
 

@@ -250,7 +250,9 @@ class TrainingConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 on CUDA, fp32 else.")
     seed: int = Field(0)
     num_threads: int | None = Field(
-        None, gt=0, description="CPU threads for torch in every stage (default: all cores). Use 1 on a busy machine: "
+        None,
+        gt=0,
+        description="CPU threads for torch in every stage (default: all cores). Use 1 on a busy machine: "
         "idle OpenMP threads spin and can make small-batch work many times slower.",
     )
 
@@ -401,9 +403,7 @@ def _line_key(problem: str) -> int:
 def _section_for(loc: tuple[str, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = JobConfig
     for part in loc:
-        field = model.model_fields.get(part) or next(
-            (f for f in model.model_fields.values() if f.alias == part), None
-        )
+        field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part), None)
         if field is None:
             return None
         ann = field.annotation

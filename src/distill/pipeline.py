@@ -44,8 +44,12 @@ log = logging.getLogger("distill")
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
 
 
@@ -76,15 +80,20 @@ def prepare(job: JobConfig) -> Run:
     if job.training.num_threads:  # every stage: generation and evaluation too
         torch.set_num_threads(job.training.num_threads)
     prompts = load_prompts(
-        job.resolve(job.data.prompts), columns=job.data.columns or None, task=job.data.task,
-        limit=job.data.limit, system_prompt=job.teacher.system_prompt,
+        job.resolve(job.data.prompts),
+        columns=job.data.columns or None,
+        task=job.data.task,
+        limit=job.data.limit,
+        system_prompt=job.teacher.system_prompt,
     )
     if len(prompts) < 3:
         raise DistillError(f"{job.data.prompts}: {len(prompts)} prompts; at least 3 are needed to split the data")
     run = Run(job=job, prompts=prompts)
     if job.teacher.backend == "local":
         run.teacher_model, run.teacher_tokenizer = load_model(
-            job.teacher.model, dtype=job.teacher.dtype, device=job.teacher.device,
+            job.teacher.model,
+            dtype=job.teacher.dtype,
+            device=job.teacher.device,
             trust_remote_code=job.teacher.trust_remote_code,
         )
         log.info("teacher %s: %s parameters", job.teacher.model, f"{count_parameters(run.teacher_model):,}")
@@ -104,8 +113,9 @@ def make_teacher(run: Run) -> Teacher:
         return OpenAITeacher(cfg.model, cfg.api, system_prompt=cfg.system_prompt)
     from distill.teachers.vllm_teacher import VLLMTeacher
 
-    return VLLMTeacher(cfg.model, system_prompt=cfg.system_prompt, dtype=cfg.dtype,
-                       trust_remote_code=cfg.trust_remote_code)
+    return VLLMTeacher(
+        cfg.model, system_prompt=cfg.system_prompt, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
 
 
 def generate(run: Run) -> CompletionStore:
@@ -113,8 +123,12 @@ def generate(run: Run) -> CompletionStore:
     t0 = time.perf_counter()
     job = run.job
     params = GenerationParams.from_config(job.generation)
-    meta = {"teacher": job.teacher.model, "system_prompt": job.teacher.system_prompt, "params": params.as_dict(),
-            "prompts": _fingerprint([p.messages for p in run.prompts])}
+    meta = {
+        "teacher": job.teacher.model,
+        "system_prompt": job.teacher.system_prompt,
+        "params": params.as_dict(),
+        "prompts": _fingerprint([p.messages for p in run.prompts]),
+    }
     store = CompletionStore(run.dir / "synthetic")
     changed = store.meta_diff(meta)
     if changed and store.done_ids():
@@ -152,13 +166,21 @@ def split(run: Run, store: CompletionStore) -> dict[str, list[dict]]:
     kept, summary = filter_completions(records, job.data.filters, get_preset(job.data.task))
     assignment = assign_splits(sorted({r["prompt_id"] for r in records}), job.data.split, job.data.seed)
     parts = split_records(kept, assignment)
-    log.info("data: %d answers, %d kept; train %d, validation %d, test %d", len(records), len(kept),
-             *(len(parts.get(k, [])) for k in ("train", "validation", "test")))
+    log.info(
+        "data: %d answers, %d kept; train %d, validation %d, test %d",
+        len(records),
+        len(kept),
+        *(len(parts.get(k, [])) for k in ("train", "validation", "test")),
+    )
     if not parts.get("train"):
         raise DistillError(f"no training data left after filtering ({summary}); relax data.filters")
-    atomic_write_json(run.dir / "data_summary.json", {
-        "filters": summary.as_dict(), "splits": {k: len(v) for k, v in parts.items()},
-    })
+    atomic_write_json(
+        run.dir / "data_summary.json",
+        {
+            "filters": summary.as_dict(),
+            "splits": {k: len(v) for k, v in parts.items()},
+        },
+    )
     return parts
 
 
@@ -179,9 +201,13 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
         run.stage("train", time.perf_counter() - t0)
         return out
     student, tokenizer, info = initial_student(run, parts)
-    log.info("student: %s parameters (teacher %s, %.0f%%)%s", f"{info['student_parameters']:,}",
-             f"{info['teacher_parameters']:,}", 100 * info["student_parameters"] / info["teacher_parameters"],
-             f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "")
+    log.info(
+        "student: %s parameters (teacher %s, %.0f%%)%s",
+        f"{info['student_parameters']:,}",
+        f"{info['teacher_parameters']:,}",
+        100 * info["student_parameters"] / info["teacher_parameters"],
+        f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "",
+    )
     atomic_write_json(run.dir / "student_init.json", info)
     teacher = run.teacher_model if dist.mode != "sequence" else None
     if teacher is None and dist.mode != "sequence":
@@ -202,9 +228,19 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
         log.info("train: teacher freed; training from the logit cache")
     elif teacher is not None and dist.extra_teachers:
         extra = load_extra_teachers(dist.extra_teachers, job.teacher, run.teacher_tokenizer, head_rows(teacher))
-    model, summary = train_student(student, tokenizer, teacher, train_ex, val_ex, job.training, dist,
-                                   run.dir / "training", teacher_tokenizer=run.teacher_tokenizer,
-                                   extra_teachers=extra, logit_cache=cache)
+    model, summary = train_student(
+        student,
+        tokenizer,
+        teacher,
+        train_ex,
+        val_ex,
+        job.training,
+        dist,
+        run.dir / "training",
+        teacher_tokenizer=run.teacher_tokenizer,
+        extra_teachers=extra,
+        logit_cache=cache,
+    )
     del extra
     with atomic_dir(out) as tmp:
         if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights
@@ -216,7 +252,9 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
         del model, student
         gc.collect()
         run.teacher_model, run.teacher_tokenizer = load_model(
-            job.teacher.model, dtype=job.teacher.dtype, device=job.teacher.device,
+            job.teacher.model,
+            dtype=job.teacher.dtype,
+            device=job.teacher.device,
             trust_remote_code=job.teacher.trust_remote_code,
         )
     run.stage("train", time.perf_counter() - t0)
@@ -264,8 +302,15 @@ def cache_logits(run: Run, parts: dict[str, list[dict]], tokenizer=None):
         teachers += load_extra_teachers(dist.extra_teachers, job.teacher, run.teacher_tokenizer, rows)
         with progress_bar() as bar:
             task = bar.add_task("teacher top-k", total=sum(len(v) for v in splits.values()))
-            cache = build_logit_cache(path, teachers, splits, settings, batch_size=job.generation.batch_size,
-                                      chunk_size=dist.chunk_size, on_batch=lambda n: bar.advance(task, n))
+            cache = build_logit_cache(
+                path,
+                teachers,
+                splits,
+                settings,
+                batch_size=job.generation.batch_size,
+                chunk_size=dist.chunk_size,
+                on_batch=lambda n: bar.advance(task, n),
+            )
         del teachers
     run.stage("cache_logits", time.perf_counter() - t0)
     return cache
@@ -277,8 +322,14 @@ def initial_student(run: Run, parts: dict[str, list[dict]]):
     calibration = [_plain_text(r["messages"]) + " " + r["completion"] for r in parts["train"][:16]]
     if run.teacher_model is None:
         raise DistillError("student.from: teacher needs a local teacher (teacher.backend: local)")
-    return build_student(run.job.student, run.teacher_model, run.teacher_tokenizer, calibration,
-                         dtype=run.job.teacher.dtype, device=run.job.teacher.device)
+    return build_student(
+        run.job.student,
+        run.teacher_model,
+        run.teacher_tokenizer,
+        calibration,
+        dtype=run.job.teacher.dtype,
+        device=run.job.teacher.device,
+    )
 
 
 def evaluate(run: Run, parts: dict[str, list[dict]], student_dir: Path) -> dict:
@@ -298,16 +349,34 @@ def evaluate(run: Run, parts: dict[str, list[dict]], student_dir: Path) -> dict:
     for ref in job.evaluation.baselines:
         models[ref] = load_model(ref, dtype=job.teacher.dtype, device=job.teacher.device)
     params = GenerationParams.from_config(job.generation)
-    params = GenerationParams(**{**params.as_dict(), "temperature": 0.0, "n": 1, "logprobs": 0,
-                                 "max_new_tokens": job.evaluation.max_new_tokens or params.max_new_tokens,
-                                 "batch_size": job.evaluation.batch_size})
+    params = GenerationParams(
+        **{
+            **params.as_dict(),
+            "temperature": 0.0,
+            "n": 1,
+            "logprobs": 0,
+            "max_new_tokens": job.evaluation.max_new_tokens or params.max_new_tokens,
+            "batch_size": job.evaluation.batch_size,
+        }
+    )
     general = [r["messages"] for r in parts.get("validation", [])[:8]]
-    metrics = evaluate_models(models, test, job.evaluation, params, job.data.task, general_prompts=general,
-                              model_dirs={"student": student_dir})
+    metrics = evaluate_models(
+        models,
+        test,
+        job.evaluation,
+        params,
+        job.data.task,
+        general_prompts=general,
+        model_dirs={"student": student_dir},
+    )
     run.stage("evaluate", time.perf_counter() - t0)
-    metrics["run"] = {"name": job.name, "timings_s": run.timings, **read_json(run.dir / "training_summary.json", {}),
-                      "student_init": read_json(run.dir / "student_init.json", {}),
-                      "data": read_json(run.dir / "data_summary.json", {})}
+    metrics["run"] = {
+        "name": job.name,
+        "timings_s": run.timings,
+        **read_json(run.dir / "training_summary.json", {}),
+        "student_init": read_json(run.dir / "student_init.json", {}),
+        "data": read_json(run.dir / "data_summary.json", {}),
+    }
     atomic_write_json(run.dir / "metrics.json", metrics)
     return metrics
 

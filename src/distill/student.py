@@ -99,8 +99,9 @@ def prune_layers(teacher: PreTrainedModel, keep: Sequence[int]) -> PreTrainedMod
     # A tied head shows up as "missing" lm_head.weight; anything else is a real mismatch.
     missing = [m for m in missing if not (m.endswith("lm_head.weight") and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise DistillError(f"depth pruning failed for {type(teacher).__name__}: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise DistillError(
+            f"depth pruning failed for {type(teacher).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if config.tie_word_embeddings:
         student.tie_weights()
     student.generation_config = copy.deepcopy(teacher.generation_config)
@@ -176,7 +177,10 @@ def add_lora(model: PreTrainedModel, cfg: StudentConfig) -> PreTrainedModel:
     lora = cfg.lora
     assert lora is not None
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

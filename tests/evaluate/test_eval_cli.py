@@ -8,8 +8,23 @@ import sys
 
 
 def distill_eval(teacher, student, data, out, *extra):
-    cmd = [sys.executable, "-m", "distill.cli", "eval", "--teacher", str(teacher), "--student", str(student),
-           "--data", str(data), "--out", str(out), "--max-new-tokens", "4", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill.cli",
+        "eval",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 

@@ -353,8 +353,9 @@ def evaluate_file(
     refs = {"teacher": teacher, "student": student, **{b: b for b in baselines}}
     models = {name: load_model(ref) for name, ref in refs.items()}
     dirs = {name: resolve_reference(ref) for name, ref in refs.items()}
-    cfg = EvaluationConfig(max_new_tokens=max_new_tokens, gate=GateConfig(min_retention=min_retention,
-                                                                          min_speedup=min_speedup))
+    cfg = EvaluationConfig(
+        max_new_tokens=max_new_tokens, gate=GateConfig(min_retention=min_retention, min_speedup=min_speedup)
+    )
     params = GenerationParams(max_new_tokens=max_new_tokens, batch_size=cfg.batch_size)
     metrics = evaluate_models(models, records, cfg, params, task, model_dirs=dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
