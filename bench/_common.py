@@ -5,8 +5,8 @@ script with ``--case ...``), the child prints one JSON line (:func:`emit_case`),
 (:func:`print_table`) and, as its very last line, the headline figures as ``name=value`` pairs
 (:func:`summary_line`), which docs/benchmarks.md records.
 
-Peak memory (:class:`PeakMemory`), always relative to a baseline taken in the child after the models and inputs are
-loaded and before the measured work, so the figure is what the measured work adds:
+Peak memory (:class:`PeakMemory`), always relative to a baseline taken (``start()``) in the child after the models
+and inputs are loaded and before the measured work, so the figure is what the measured work adds:
 
 * CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``, minus
   ``torch.cuda.memory_allocated()`` at the baseline.
@@ -16,7 +16,8 @@ loaded and before the measured work, so the figure is what the measured work add
   kernel's RSS high-water mark is reset (``/proc/self/clear_refs`` = 5) and the figure is ``VmHWM`` minus ``VmRSS``
   at the baseline. Where that reset is not allowed, ``ru_maxrss`` (``getrusage(RUSAGE_SELF)``) minus its value at
   the baseline is used instead; that can under-report when loading peaked higher than the measured work, which is
-  why each case runs in its own process.
+  why each case runs in its own process. Safetensors weights are memory-mapped: their pages join the RSS only when
+  first read, so run the model once (or read its parameters) before the baseline.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Run with no arguments: ``python bench/generate.py`` (``DISTILL_HOME`` pointing at a cache where the built-in teacher
 is already converted saves ~40 s on the first run). Six processes (3 cases x 2 interleaved runs, ``--repeats``; the
-best run of each case counts): about 8 minutes on 2 CPU cores busy with other jobs with ``--threads 1``. On such a
-machine use ``--threads 1``: with 2 threads, OpenMP threads wait on each other while descheduled and small decoding
-matmuls slow down 3-10x, unevenly between cases, so the ratios mean nothing (see ``use_threads`` in
-bench/_common.py).
+best run of each case counts): about 8 minutes on 2 CPU cores, with 2 threads or ``--threads 1``, while other jobs
+kept 1-2 of them busy. On a machine busier than that use ``--threads 1``: with 2 threads, OpenMP threads wait on
+each other while descheduled, small decoding matmuls slow down 3-10x, unevenly between cases, so the ratios mean
+nothing and the run can take half an hour (see ``use_threads`` in bench/_common.py).
 
 What is measured, on the built-in teacher (SmolLM2-135M-Instruct), CUDA in bf16 when available, else CPU in fp32:
 

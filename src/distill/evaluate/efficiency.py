@@ -66,8 +66,10 @@ def measure_efficiency(
             generate_batch(model, tokenizer, prompt_batch, params)
 
     timed = _Timer(model.device)
+    # Warm-up outside the memory window: it also pages in memory-mapped safetensors weights, which would
+    # otherwise count twice (once as weight bytes, once as RSS growth).
+    run([prompts[0]], one)
     with _PeakMemory(model, weights) as mem:
-        run([prompts[0]], one)  # warm-up, not counted
         ttft = [timed(run, [prompts[i % len(prompts)]], one) for i in range(repeats)]
         run([prompts[0]], full)
         latency = [timed(run, [prompts[i % len(prompts)]], full) for i in range(repeats)]
