@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
+from distill.io import atomic_write_text, fsync_dir
 from distill.teachers.base import Completion, GenerationParams, Prompt
 
 SHARD_SIZE = 10_000
@@ -143,7 +144,7 @@ class CompletionStore:
                     f.flush()
                     os.fsync(f.fileno())
                 if new:
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
                 self._last_lines += len(chunk)
                 start += len(chunk)
         except BaseException:
@@ -170,7 +171,7 @@ class CompletionStore:
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Replace meta.json atomically (a crash leaves the old or the new file, never half of one)."""
-        _atomic_write(self.meta_path, json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
     def meta_diff(self, meta: dict[str, Any]) -> list[str]:
         """What differs between the stored meta and `meta`, one line per field; empty when they match.
@@ -290,26 +291,3 @@ def _last_newline(f, before: int, block: int = 1 << 16) -> int:
             return start + i + 1
         pos = start
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

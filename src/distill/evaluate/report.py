@@ -13,7 +13,6 @@ import html
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distill.errors import DistillError  # noqa: E402
+from distill.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("distill")
 
@@ -58,8 +58,8 @@ def write_report(run_dir: Path, metrics: dict | None = None) -> tuple[Path, Path
     training = read_training_log(run_dir / "training_log.jsonl")
     report = Report(metrics, training, title=run_dir.resolve().name)
     md, page = run_dir / "report.md", run_dir / "report.html"
-    _write_atomic(md, report.markdown())
-    _write_atomic(page, report.html())
+    atomic_write_text(md, report.markdown())
+    atomic_write_text(page, report.html())
     return md, page
 
 
@@ -79,13 +79,6 @@ def read_training_log(path: Path) -> list[dict]:
         if isinstance(entry, dict) and "step" in entry:
             entries.append(entry)
     return entries
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write next to `path`, then rename: a crash never leaves a half-written report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- formatting
