@@ -351,8 +351,8 @@ def evaluate_file(
     prompts = load_prompts(data, task=task, limit=limit)
     records = [{"messages": p.messages, "reference": p.reference} for p in prompts]
     refs = {"teacher": teacher, "student": student, **{b: b for b in baselines}}
-    models = {name: load_model(ref) for name, ref in refs.items()}
-    dirs = {name: resolve_reference(ref) for name, ref in refs.items()}
+    dirs = {name: resolve_reference(ref) for name, ref in refs.items()}  # resolve once: size on disk + loading
+    models = {name: load_model(str(folder)) for name, folder in dirs.items()}
     cfg = EvaluationConfig(
         max_new_tokens=max_new_tokens, gate=GateConfig(min_retention=min_retention, min_speedup=min_speedup)
     )
