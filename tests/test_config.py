@@ -84,3 +84,27 @@ def test_every_field_is_documented():
     assert len(rows) > 60
     # A few leaves (split fractions, simple numbers) are self-explanatory; the rest must say what they mean.
     assert len(undocumented) < 12, undocumented
+
+
+def test_settings_that_cannot_work_together_fail_at_load_time(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "teacher:\n"
+        "  model: gpt-4o-mini\n"
+        "  backend: openai\n"
+        "student:\n"
+        "  from: teacher\n"
+        "distillation:\n"
+        "  mode: on_policy\n"
+        "  logit_cache: true\n"
+    )
+    with pytest.raises(DistillError) as e:
+        load_job(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: 3 problems")
+    assert "line 5   student.from: teacher builds the student from the teacher's weights" in msg
+    assert "line 7   distillation.mode: on_policy needs the teacher's token distributions" in msg
+    assert "line 8   distillation.logit_cache: mode: on_policy scores the student's own answers" in msg
+    # What an API teacher can do: SFT a student given by reference on its answers.
+    ok = load_job(path, ["student.from=./my-student", "distillation.mode=sequence"])
+    assert ok.teacher.backend == "openai" and ok.distillation.mode == "sequence"

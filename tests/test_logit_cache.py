@@ -37,10 +37,10 @@ def teacher(tiny_tokenizer):
     return tiny_llama(2, 0, tiny_tokenizer)
 
 
-def build(path, teacher, tokenizer, splits, k=K, **kwargs):
-    settings = cache_settings(tokenizer, splits, k, TEACHER)
+def build(path, teacher, tokenizer, splits, k=K, dtype="float16"):
+    settings = cache_settings(tokenizer, splits, k, TEACHER, dtype)
     # batch_size 5: the cache's batches differ from the training batches of 4.
-    return build_logit_cache(path, [(teacher, 1.0)], splits, settings, batch_size=5, chunk_size=16, **kwargs), settings
+    return build_logit_cache(path, [(teacher, 1.0)], splits, settings, batch_size=5, chunk_size=16), settings
 
 
 @torch.no_grad()
@@ -146,6 +146,8 @@ def test_cache_refuses_a_run_it_was_not_made_for(tmp_path, tiny_tokenizer, teach
 
     with pytest.raises(DistillError, match=r"k \(distillation.cache_top_k\): the cache has 8, this run needs 16"):
         LogitCache.open(path, {**settings, "k": 16})
+    with pytest.raises(DistillError, match=r"cache_dtype\): the cache has 'float16', this run needs 'float32'"):
+        LogitCache.open(path, {**settings, "dtype": "float32"})
 
     other = make_tokenizer()
     other.add_tokens(["zebra"])

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from distill.config import load_job
+from distill.errors import DistillError, GateFailed
 from distill.pipeline import run_job
 
 
@@ -44,6 +46,12 @@ def test_run_end_to_end_then_reuse(tiny_job, caplog):
     assert "generate: reusing 30 finished answers" in caplog.text
     assert "train: reusing the trained student" in caplog.text
 
+    # A failed deploy gate still leaves a complete run behind: report, metrics and stage times.
+    (run / "timings.json").unlink()
+    with pytest.raises(GateFailed, match="min_speedup 1000"):
+        run_job(load_job(tiny_job, ["evaluation.gate.min_speedup=1000"]))
+    assert set(json.loads((run / "timings.json").read_text())) >= {"generate", "train", "evaluate", "report"}
+
 
 def _generate_cmd(job):
     return [sys.executable, "-m", "distill.cli", "generate", str(job)]
@@ -71,3 +79,27 @@ def test_generation_killed_and_restarted_loses_and_duplicates_nothing(tiny_job, 
     assert "resuming" in done.stderr
     ids = [json.loads(line)["id"] for p in store.glob("part-*.jsonl") for line in p.read_text().splitlines()]
     assert len(ids) == 30 and len(set(ids)) == 30
+
+
+def test_api_teacher_answers_train_a_student_given_by_reference(tiny_job, tiny_student_dir):
+    from distill.pipeline import generate, prepare, split, train
+    from teachers.fake_openai_server import FakeOpenAI, serve
+
+    spec = yaml.safe_load(tiny_job.read_text())
+    spec["student"] = {"from": str(tiny_student_dir)}
+    spec["distillation"] = {"mode": "sequence"}
+    with serve(FakeOpenAI().app) as url:
+        spec["teacher"] = {"model": "fake", "backend": "openai", "api": {"base_urls": [url]}}
+        tiny_job.write_text(yaml.safe_dump(spec))
+        job = load_job(tiny_job)
+        with pytest.raises(DistillError, match="distill run: the evaluate stage measures the teacher itself"):
+            run_job(job)  # refused before any generation
+        assert not job.run_dir.exists()
+        run = prepare(job)
+        parts = split(run, generate(run))
+    assert all(r["completion"].startswith("echo: ") for r in parts["train"])  # the API teacher's answers
+    student_dir = train(run, parts)
+    assert (student_dir / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (run.dir / "training" / "training_log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in log if r["split"] == "train"]
+    assert train_rows and train_rows[-1]["ce"] < train_rows[0]["ce"]

@@ -223,10 +223,23 @@ class DistillationConfig(Section):
     on_policy_fraction: float = Field(
         0.5, ge=0, le=1, description="With `mode: on_policy`: fraction of samples the student generates (GKD lambda)."
     )
+    on_policy_sampling: Literal["sample", "greedy"] = Field(
+        "sample",
+        description="How the student writes its on-policy answers: `sample` from its own distribution at T = 1 "
+        "(GKD), or `greedy`.",
+    )
     logit_cache: bool = Field(False, description="Cache the teacher's top-k log-probs once and train from the cache.")
     cache_top_k: int = Field(64, gt=0, description="Log-probs kept per position in the logit cache.")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage of cached log-probs: float16 (6 bytes per target with its id) or float32."
+    )
     transfer: list[TransferPair] = Field(default_factory=list, description="Hidden-state / attention transfer pairs.")
     extra_teachers: list[ExtraTeacher] = Field(default_factory=list, description="Multi-teacher mixture members.")
+    teacher_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Weight of the main teacher in a mixture with `extra_teachers` (weights are renormalised).",
+    )
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -342,16 +355,66 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
 
 def validate_job(data: dict, source: str | Path = "<job>", text: str | None = None, base_dir: Path | None = None):
     """Validate a job mapping; every problem is reported together, with its dotted path and YAML line."""
+    lines = _yaml_lines(text) if text else {}
     try:
         job = JobConfig.model_validate(data)
     except ValidationError as e:
-        lines = _yaml_lines(text) if text else {}
-        problems = sorted((_describe(err, lines) for err in e.errors()), key=_line_key)
+        problems = [_describe(err, lines) for err in e.errors()]
+    else:
+        problems = [_located(loc, msg, lines) for loc, msg in _combination_problems(job)]
+    if problems:
+        problems.sort(key=_line_key)
         head = f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise DistillError(head + "\n" + "\n".join(f"  {p}" for p in problems)) from None
+        raise DistillError(head + "\n" + "\n".join(f"  {p}" for p in problems))
     if base_dir is not None:
         job.base_dir = base_dir
     return job
+
+
+def _combination_problems(job: JobConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that are valid one by one but cannot work together, caught before any stage runs (an API
+    teacher's generation can take hours; a combination that fails at training should fail here instead)."""
+    problems = []
+    dist, backend = job.distillation, job.teacher.backend
+    if backend != "local":
+        if dist.mode != "sequence":
+            problems.append(
+                (
+                    ("distillation", "mode"),
+                    f"{dist.mode} needs the teacher's token distributions, and teacher.backend: {backend} only "
+                    "gives its text; use mode: sequence (SFT on the teacher's answers) or teacher.backend: local",
+                )
+            )
+        if job.student.from_ in ("teacher", "config"):
+            problems.append(
+                (
+                    ("student", "from"),
+                    f"{job.student.from_} builds the student from the teacher's weights, which teacher.backend: "
+                    f"{backend} does not load; give a model reference (a local folder or a .gguf file)",
+                )
+            )
+    if dist.mode == "on_policy" and dist.logit_cache:
+        problems.append(
+            (
+                ("distillation", "logit_cache"),
+                "mode: on_policy scores the student's own answers with the live teacher, so it cannot train from a "
+                "logit cache; set logit_cache: false",
+            )
+        )
+    if dist.transfer and (dist.logit_cache or dist.mode == "sequence"):
+        problems.append(
+            (
+                ("distillation", "transfer"),
+                "needs the teacher's layers in memory during training: use mode: logit or on_policy with "
+                "logit_cache: false",
+            )
+        )
+    return problems
+
+
+def _located(loc: tuple[str, ...], msg: str, lines: dict[tuple, int]) -> str:
+    line = _line_for(loc, lines)
+    return f"{'line ' + str(line) if line else '':<9}{'.'.join(loc)}: {msg}"
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -391,8 +454,7 @@ def _describe(err: dict, lines: dict[tuple, int]) -> str:
         msg = msg.replace("Input should be greater than", "must be >").replace("Input should be", "must be")
         if kind != "missing" and "got" not in msg and "input" in err and not isinstance(err["input"], dict):
             msg += f", got {err['input']!r}"
-    line = _line_for(loc, lines)
-    return f"{'line ' + str(line) if line else '':<9}{path}: {msg}"
+    return _located(loc, msg, lines) if loc else f"{'':<9}{path}: {msg}"
 
 
 def _line_key(problem: str) -> int:

@@ -10,17 +10,17 @@ log-probs and their token ids. Training then needs no teacher in memory: the col
 A cache folder holds::
 
     cache.json               settings (what the cache is valid for) and sizes
-    <split>.logprobs.npy     [tokens, k] float16: raw log-softmax at T = 1, sorted high to low per row
+    <split>.logprobs.npy     [tokens, k] float16 (or float32): raw log-softmax at T = 1, sorted high to low per row
     <split>.ids.npy          [tokens, k] int32:   the matching token ids
     <split>.index.npy        [examples, 2] int64: (first row, rows) of each example, in example order
 
 Rows of an example are its label positions t (``labels[t + 1] != -100``) in increasing order. Log-probs are
 stored at T = 1, so one cache serves every `distillation.temperature`; the loss softens them itself. float16
 keeps a log-prob to within 2^-11 of its size (0.004 at -10, i.e. < 0.5 % of that token's probability), which is
-far below the difference between two training runs; `dtype="float32"` doubles the log-prob bytes for exact
-values. At k = 64 a token costs 64 x (2 + 4) = 384 bytes (+ 16 bytes per example of index).
+far below the difference between two training runs; `distillation.cache_dtype: float32` doubles the log-prob
+bytes for exact values. At k = 64 a token costs 64 x (2 + 4) = 384 bytes (+ 16 bytes per example of index).
 
-`LogitCache.open` refuses a cache that does not match the run (tokenizer, k, data, teacher), naming what
+`LogitCache.open` refuses a cache that does not match the run (tokenizer, k, data, teacher, dtype), naming what
 differs. Building writes into a hidden `.NAME.partial` folder renamed into place at the end; an interrupted
 build resumes from the last finished batch when it is started again with the same settings.
 """
@@ -59,6 +59,7 @@ _CHECKED = {
     "k": "k (distillation.cache_top_k)",
     "data": "data (hash of the encoded examples' input_ids and labels)",
     "teacher": "teacher (model references and weights)",
+    "dtype": "log-prob storage (distillation.cache_dtype)",
 }
 
 
@@ -79,18 +80,26 @@ def data_fingerprint(splits: Mapping[str, Sequence[dict]]) -> str:
 
 
 def cache_settings(
-    tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Sequence[dict]], k: int, teacher: object
+    tokenizer: PreTrainedTokenizerBase,
+    splits: Mapping[str, Sequence[dict]],
+    k: int,
+    teacher: object,
+    dtype: str = "float16",
 ) -> dict:
     """What a cache must match to serve a run: pass it to `build_logit_cache` and `LogitCache.open`.
 
-    `teacher` identifies the teacher(s), e.g. ``[{"model": ref, "weight": 1.0}, ...]`` (JSON-serialisable).
+    `teacher` identifies the teacher(s), e.g. ``[{"model": ref, "weight": 1.0}, ...]`` (JSON-serialisable);
+    `dtype` is the storage of the log-probs, ``float16`` or ``float32``.
     """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     return {
         "format": FORMAT,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "k": int(k),
         "data": data_fingerprint(splits),
         "teacher": json.loads(json.dumps(teacher)),
+        "dtype": dtype,
     }
 
 
@@ -191,7 +200,6 @@ def build_logit_cache(
     *,
     batch_size: int = 8,
     chunk_size: int = 1024,
-    dtype: str = "float16",
     on_batch: Callable[[int], None] | None = None,
 ) -> LogitCache:
     """Run the teacher(s) once over `splits` and write their top-k T = 1 log-probs to a cache folder.
@@ -201,21 +209,20 @@ def build_logit_cache(
         teachers: (model, weight) pairs; several are mixed at T = 1 (`losses.mix_teacher_logprobs`) before top-k,
             so the loss's temperature then softens the mixture rather than each member.
         splits: encoded examples per split name (`input_ids`, `labels`), e.g. train and validation.
-        settings: `cache_settings(...)` of the run; `settings["k"]` targets are kept per position.
+        settings: `cache_settings(...)` of the run; `settings["k"]` targets are kept per position, stored as
+            `settings["dtype"]`.
         batch_size: examples per teacher forward pass.
         chunk_size: answer positions projected to ``[chunk, V]`` logits at a time.
-        dtype: ``float16`` (default) or ``float32`` storage of the log-probs.
         on_batch: called with the number of examples after each batch (progress bars).
     """
     path = Path(path)
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    dtype = settings["dtype"]
     models = [m for m, _ in teachers]
     weights = [float(w) for _, w in teachers]
     vocab = min(head_of(m)[1].shape[0] for m in models)
     k = min(int(settings["k"]), vocab)
     value_dtype = np.dtype(dtype)
-    plan = {"settings": dict(settings), "stored_k": k, "dtype": dtype}
+    plan = {"settings": dict(settings), "stored_k": k}
     tmp = path.with_name(f".{path.name}.partial")
     if read_json(tmp / "plan.json") != json.loads(json.dumps(plan)):
         shutil.rmtree(tmp, ignore_errors=True)

@@ -237,6 +237,29 @@ def topk_from_logits(teacher_logits: torch.Tensor, k: int) -> TeacherTopK:
     return values, ids
 
 
+def _teacher_buckets(
+    topk_logprobs: torch.Tensor, topk_ids: torch.Tensor, vocab_size: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's tempered log-probs over K listed ids plus the tail bucket ``[N, K + 1]``, the ids ``[N, K]``
+    (unlisted ones replaced by the dummy id 0) and which of them are listed ``[N, K]``; see :func:`_sparse_buckets`.
+    """
+    topk_ids = topk_ids.long()
+    listed = topk_ids < vocab_size  # [N, K]
+    ids = topk_ids.masked_fill(~listed, 0)
+    with torch.no_grad():
+        teacher_listed = topk_logprobs.float().masked_fill(~listed, NEG_LOGPROB)  # [N, K]
+        # A row has a tail unless its distinct listed ids cover the vocabulary (only possible when K >= V). Counted
+        # on the sorted [N, K] ids: no [N, V] mask needed.
+        ranked = ids.masked_fill(~listed, -1).sort(dim=-1).values
+        distinct = (ranked[:, :1] >= 0).sum(-1) + ((ranked[:, 1:] != ranked[:, :-1]) & (ranked[:, 1:] >= 0)).sum(-1)
+        has_tail = distinct < vocab_size  # [N]
+        tail_mass = (1.0 - teacher_listed.exp().sum(-1)).clamp_min(TAIL_FLOOR)
+        log_tail = torch.where(has_tail, tail_mass.log(), NEG_LOGPROB)
+        teacher = F.log_softmax(torch.cat([teacher_listed, log_tail[:, None]], dim=-1) / temperature, dim=-1)
+        teacher.clamp_min_(NEG_LOGPROB)
+    return teacher, ids, listed
+
+
 def _sparse_buckets(
     student_logprobs: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,24 +275,19 @@ def _sparse_buckets(
     Ids ``>= V`` (rows of a padded teacher vocabulary) are not listed: their teacher mass falls into the tail. When
     the listed ids cover all V ids the tail bucket is empty: probability 0 on both sides.
     """
-    n, v = student_logprobs.shape
-    topk_ids = topk_ids.long()
-    listed = topk_ids < v  # [N, K]
-    ids = topk_ids.masked_fill(~listed, 0)
-    with torch.no_grad():
-        teacher_listed = topk_logprobs.float().masked_fill(~listed, NEG_LOGPROB)  # [N, K]
-        # in_topk [N, V]: which ids are listed. scatter_add of counts is deterministic even with the dummy id 0.
-        in_topk = torch.zeros(n, v, device=ids.device).scatter_add_(1, ids, listed.float()) > 0
-        has_tail = in_topk.sum(-1) < v  # [N]
-        tail_mass = (1.0 - teacher_listed.exp().sum(-1)).clamp_min(TAIL_FLOOR)
-        log_tail = torch.where(has_tail, tail_mass.log(), NEG_LOGPROB)
-        teacher = F.log_softmax(torch.cat([teacher_listed, log_tail[:, None]], dim=-1) / temperature, dim=-1)
-        teacher.clamp_min_(NEG_LOGPROB)
+    teacher, ids, listed = _teacher_buckets(topk_logprobs, topk_ids, student_logprobs.shape[1], temperature)
     student_listed = student_logprobs.gather(1, ids).masked_fill(~listed, NEG_LOGPROB)  # [N, K]
     # Rows without a tail: every entry is NEG_LOGPROB, the logsumexp is NEG_LOGPROB + log(V) and exp() of it is 0.
-    student_tail = student_logprobs.masked_fill(in_topk, NEG_LOGPROB).logsumexp(-1)  # [N]
+    student_tail = student_logprobs.masked_fill(_listed_mask(ids, listed, student_logprobs), NEG_LOGPROB).logsumexp(-1)
     student = torch.cat([student_listed, student_tail[:, None]], dim=-1)
     return student, teacher
+
+
+def _listed_mask(ids: torch.Tensor, listed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[N, V] bool: which ids are listed. scatter_add of counts is deterministic even with the dummy id 0."""
+    with torch.no_grad():
+        counts = torch.zeros(like.shape, device=like.device).scatter_add_(1, ids, listed.float())
+    return counts > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,6 +464,78 @@ class _TeacherChunks:
         return logprobs.clamp_min_(NEG_LOGPROB), None
 
 
+def _has_closed_form(cfg: KDLossConfig) -> bool:
+    return cfg.divergence == "forward_kl" or (cfg.divergence == "jsd" and cfg.beta == 0.0)
+
+
+@torch.no_grad()
+def _forward_kl_rows_and_grad(
+    logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    teacher_topk: TeacherTopK | None,
+    labels: torch.Tensor,
+    cfg: KDLossConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward KL and CE per row, and the gradient of ``alpha * sum(kd) + (1 - alpha) * sum(ce)`` wrt ``logits``.
+
+    The same numbers as :func:`_kd_ce_rows` followed by autograd, written out because forward KL (the default, and
+    the loss of most KD recipes) has a short closed-form gradient, so a chunk needs about 3 ``[C, V]`` buffers
+    instead of the ~8 that autograd keeps (log-softmax output, the teacher's probabilities, the products, and their
+    gradients) and makes fewer passes over them. With ``u = logits / T``, ``q = softmax(u)`` and teacher ``p``:
+
+    * ``d (T**2 * KL(p || q)) / d logits = T * (q * sum(p) - p)`` (``sum(p)`` is 1 up to rounding; keeping it makes
+      this the exact gradient of the value computed);
+    * sparse targets (K listed ids and a tail bucket ``p_tail``, student tail mass ``Q = sum of q over unlisted``):
+      listed ids as above; an unlisted id j gets ``T * (sum(p) * Q - p_tail) * q_j / Q``, the tail bucket's
+      gradient shared in proportion to the student's own probabilities;
+    * ``d CE / d logits = softmax(logits) - onehot(label)`` (at T = 1).
+
+    ``logits`` ([C, V] fp32) and ``teacher_logprobs`` ([C, V]) are overwritten. Returns ``(kd * T**2 [C], ce [C],
+    grad [C, V])``.
+    """
+    t, alpha = cfg.temperature, cfg.alpha
+    target = labels[:, None]
+    lse = torch.logsumexp(logits, -1)  # [C]
+    ce = lse - logits.gather(1, target).squeeze(1)
+    grad = None
+    if alpha < 1.0:
+        grad = (logits - lse[:, None]).exp_()  # softmax(logits)
+        grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+        grad.mul_(1.0 - alpha)
+    if teacher_logprobs is None and teacher_topk is None:  # CE only (alpha == 0)
+        return torch.zeros_like(ce), ce, grad
+    if t == 1.0:
+        logq = logits.sub_(lse[:, None])
+    else:
+        logq = logits.div_(t)
+        logq.sub_(torch.logsumexp(logq, -1, keepdim=True))  # log_softmax(logits / T), in place
+    if teacher_topk is None:
+        p = teacher_logprobs.exp()
+        p_sum = p.sum(-1, keepdim=True)
+        kd = teacher_logprobs.sub_(logq).mul_(p).sum(-1)  # sum p * (log p - log q)
+        kd_grad = logq.exp_().mul_(p_sum).sub_(p) if alpha > 0.0 else None
+    else:
+        teacher, ids, listed = _teacher_buckets(*teacher_topk, logq.shape[1], t)  # [C, K + 1], [C, K], [C, K]
+        q_listed = logq.gather(1, ids).masked_fill_(~listed, NEG_LOGPROB)  # [C, K]
+        # Listed ids -> "probability 0" in place (amin: the dummy id 0 of unlisted entries is left as it is), so the
+        # logsumexp below is the student's tail bucket and exp() below is zero on listed ids.
+        logq.scatter_reduce_(1, ids, torch.where(listed, NEG_LOGPROB, math.inf), reduce="amin")
+        q_tail = torch.logsumexp(logq, -1)  # [C]; NEG_LOGPROB + log(V) when nothing is unlisted
+        p = teacher.exp()
+        p_sum = p.sum(-1)
+        kd = (p * (teacher - torch.cat([q_listed, q_tail[:, None]], dim=-1))).sum(-1)
+        kd_grad = None
+        if alpha > 0.0:
+            # q_j / Q on unlisted ids (0 on listed ones; rows without a tail get 1/V there, times a zero factor).
+            kd_grad = logq.sub_(q_tail[:, None]).exp_().mul_((p_sum * q_tail.exp() - p[:, -1])[:, None])
+            listed_grad = (p_sum[:, None] * q_listed.exp() - p[:, :-1]).masked_fill_(~listed, 0.0)
+            kd_grad.scatter_add_(1, ids, listed_grad)
+    if kd_grad is not None:
+        kd_grad.mul_(alpha * t)
+        grad = kd_grad if grad is None else grad.add_(kd_grad)
+    return kd * (t * t), ce, grad
+
+
 def _fused_linear_kd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -481,6 +571,16 @@ def _fused_linear_kd(
             end = min(start + cfg.chunk_size, n)
             h_chunk = hidden[start:end].detach().float()  # [C, H]
             logits = F.linear(h_chunk, weight32, bias32)  # [C, V] fp32
+            if any_grad and _has_closed_form(cfg):
+                kd_rows, ce_rows, grad_logits = _forward_kl_rows_and_grad(
+                    logits, *teacher(start, end), labels[start:end], cfg
+                )
+                del logits
+                _apply_logit_grad(grad_logits.div_(denom), h_chunk, weight32, grad_h, grad_w, grad_b, start, end)
+                del grad_logits
+                kd_total += kd_rows.sum() / denom
+                ce_total += ce_rows.sum() / denom
+                continue
             with torch.enable_grad():
                 logits.requires_grad_(any_grad)
                 # No local name for the teacher's [C, V] targets: after the forward only what autograd saved stays.
@@ -491,18 +591,23 @@ def _fused_linear_kd(
             if any_grad:
                 (grad_logits,) = torch.autograd.grad(loss_chunk, logits)  # [C, V]; frees this chunk's graph
                 del logits
-                if need_h:
-                    grad_h[start:end] = grad_logits @ weight32
-                if need_w:
-                    grad_w.addmm_(grad_logits.T, h_chunk)
-                if need_b:
-                    grad_b += grad_logits.sum(0)
+                _apply_logit_grad(grad_logits, h_chunk, weight32, grad_h, grad_w, grad_b, start, end)
                 del grad_logits
             kd_total += kd_chunk.detach()
             ce_total += ce_chunk.detach()
     # clone(): with alpha in {0, 1} the loss would alias kd or ce, which the autograd Function marks non-differentiable.
     loss = _combine(kd_total, ce_total, cfg.alpha).clone()
     return loss, kd_total, ce_total, (grad_h, grad_w, grad_b)
+
+
+def _apply_logit_grad(grad_logits, h_chunk, weight32, grad_h, grad_w, grad_b, start: int, end: int) -> None:
+    """Push one chunk's d loss / d logits [C, V] through the linear layer into the gradient buffers that exist."""
+    if grad_h is not None:
+        grad_h[start:end] = grad_logits @ weight32
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.T, h_chunk)
+    if grad_b is not None:
+        grad_b += grad_logits.sum(0)
 
 
 class _FusedLinearKDFunction(torch.autograd.Function):
@@ -585,8 +690,9 @@ def kd_loss_from_hidden(
 
     index, valid_labels, n_valid = _valid_rows(labels, cfg.ignore_index)
     hidden = _select(student_hidden, index)  # [N, Hs]; autograd scatters its gradient back to [B, T, Hs]
-    weight = student_head_weight[:v]
-    bias = None if student_head_bias is None else student_head_bias[:v]
+    # Slice only a padded head: the backward of even a full-length slice allocates a second [V, H] gradient.
+    weight = student_head_weight if v == student_head_weight.shape[0] else student_head_weight[:v]
+    bias = student_head_bias if student_head_bias is None or v == student_head_bias.shape[0] else student_head_bias[:v]
     with torch.no_grad():
         topk = None
         if teacher_topk is not None:

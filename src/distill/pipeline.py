@@ -201,17 +201,13 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
         run.stage("train", time.perf_counter() - t0)
         return out
     student, tokenizer, info = initial_student(run, parts)
-    log.info(
-        "student: %s parameters (teacher %s, %.0f%%)%s",
-        f"{info['student_parameters']:,}",
-        f"{info['teacher_parameters']:,}",
-        100 * info["student_parameters"] / info["teacher_parameters"],
-        f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "",
-    )
+    size = f"{info['student_parameters']:,} parameters"
+    if info["teacher_parameters"]:
+        teacher_params = info["teacher_parameters"]
+        size += f" (teacher {teacher_params:,}, {100 * info['student_parameters'] / teacher_params:.0f}%)"
+    log.info("student: %s%s", size, f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "")
     atomic_write_json(run.dir / "student_init.json", info)
     teacher = run.teacher_model if dist.mode != "sequence" else None
-    if teacher is None and dist.mode != "sequence":
-        raise DistillError("distillation.mode: logit KD needs a local teacher; with an API teacher use mode: sequence")
     check_teacher_signal(dist, teacher=teacher is not None, cache=dist.logit_cache and teacher is not None)
     max_len = job.training.max_length
     train_ex = encode_records(tokenizer, parts["train"], max_len)
@@ -288,9 +284,9 @@ def cache_logits(run: Run, parts: dict[str, list[dict]], tokenizer=None):
             tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
     max_len = job.training.max_length
     splits = {name: encode_records(tokenizer, parts.get(name, []), max_len) for name in ("train", "validation")}
-    members = [{"model": job.teacher.model, "weight": 1.0}]
+    members = [{"model": job.teacher.model, "weight": dist.teacher_weight}]
     members += [{"model": e.model, "weight": e.weight} for e in dist.extra_teachers]
-    settings = cache_settings(tokenizer, splits, dist.cache_top_k, members)
+    settings = cache_settings(tokenizer, splits, dist.cache_top_k, members, dist.cache_dtype)
     path = run.dir / "logit_cache"
     if (path / "cache.json").is_file():
         cache = LogitCache.open(path, settings)
@@ -298,7 +294,7 @@ def cache_logits(run: Run, parts: dict[str, list[dict]], tokenizer=None):
     else:
         rows = head_rows(run.teacher_model)
         shared_vocab_size(run.teacher_tokenizer, tokenizer, rows, rows)
-        teachers = [(run.teacher_model, 1.0)]
+        teachers = [(run.teacher_model, dist.teacher_weight)]
         teachers += load_extra_teachers(dist.extra_teachers, job.teacher, run.teacher_tokenizer, rows)
         with progress_bar() as bar:
             task = bar.add_task("teacher top-k", total=sum(len(v) for v in splits.values()))
@@ -320,8 +316,6 @@ def initial_student(run: Run, parts: dict[str, list[dict]]):
     """The un-distilled student, made the same way every time (same seed, same calibration prompts)."""
     torch.manual_seed(run.job.training.seed)
     calibration = [_plain_text(r["messages"]) + " " + r["completion"] for r in parts["train"][:16]]
-    if run.teacher_model is None:
-        raise DistillError("student.from: teacher needs a local teacher (teacher.backend: local)")
     return build_student(
         run.job.student,
         run.teacher_model,
@@ -399,15 +393,23 @@ def report(run: Run, metrics: dict) -> Path:
 
 def run_job(job: JobConfig) -> Path:
     """Run every stage in order; returns the report path."""
+    if job.teacher.backend != "local":  # checked before hours of API generation, not after
+        raise DistillError(
+            f"distill run: the evaluate stage measures the teacher itself (KL, speed, memory), and teacher.backend: "
+            f"{job.teacher.backend} does not load it. Run the stages one by one instead: `distill generate JOB`, "
+            "`distill train JOB` (distillation.mode: sequence), then `distill eval --teacher <a local copy of the "
+            "teacher> --student runs/NAME/student --data <prompts>`."
+        )
     run = prepare(job)
     store = generate(run)
     parts = split(run, store)
     student_dir = train(run, parts)
     metrics = evaluate(run, parts, student_dir)
-    path = report(run, metrics)
-    atomic_write_json(run.dir / "timings.json", run.timings)
-    log.info("stage times (s): %s", ", ".join(f"{k} {v}" for k, v in run.timings.items()))
-    return path
+    try:
+        return report(run, metrics)
+    finally:  # also when the deploy gate fails: the run itself is complete
+        atomic_write_json(run.dir / "timings.json", run.timings)
+        log.info("stage times (s): %s", ", ".join(f"{k} {v}" for k, v in run.timings.items()))
 
 
 def _fingerprint(obj: object) -> str:

@@ -118,15 +118,20 @@ def _prefix_of(model: torch.nn.Module, target: torch.nn.Module) -> str:
 
 def build_student(
     cfg: StudentConfig,
-    teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase | None,
     calibration_texts: Sequence[str] = (),
     *,
     dtype: str = "auto",
     device: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """Make the student described by `cfg`; returns (model, tokenizer, info for the log and the report)."""
-    info: dict = {"from": cfg.from_, "teacher_parameters": count_parameters(teacher)}
+    """Make the student described by `cfg`; returns (model, tokenizer, info for the log and the report).
+
+    `teacher` may be None (a teacher behind an API) only when `cfg.from_` is a model reference.
+    """
+    if teacher is None and cfg.from_ in ("teacher", "config"):
+        raise DistillError(f"student.from: {cfg.from_} needs the teacher in memory (teacher.backend: local)")
+    info: dict = {"from": cfg.from_, "teacher_parameters": None if teacher is None else count_parameters(teacher)}
     if cfg.from_ == "teacher":
         n = len(decoder_layers(teacher)[2])
         if isinstance(cfg.layers, list):

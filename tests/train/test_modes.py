@@ -92,10 +92,22 @@ def test_on_policy_sampler_rewrites_the_chosen_answers(tiny_tokenizer, batch):
     assert 0 < sum(kept) < 12
 
 
-def test_on_policy_mode_lowers_the_kl(tmp_path, tiny_tokenizer, examples, batch):
+def test_greedy_on_policy_answers_do_not_depend_on_the_draw(tiny_tokenizer, batch):
+    student = tiny_llama(1, 1, tiny_tokenizer).train()
+    greedy = OnPolicySampler.for_model(student, tiny_tokenizer, fraction=1.0, seed=0, greedy=True)
+    first = greedy(student, batch, step=3)
+    assert torch.equal(greedy(student, batch, step=4)["input_ids"], first["input_ids"])
+    sampled = OnPolicySampler.for_model(student, tiny_tokenizer, fraction=1.0, seed=0)(student, batch, step=3)
+    assert not torch.equal(sampled["input_ids"], first["input_ids"])
+
+
+@pytest.mark.parametrize("sampling", ["sample", "greedy"])
+def test_on_policy_mode_lowers_the_kl(tmp_path, tiny_tokenizer, examples, batch, sampling):
     teacher, student = tiny_llama(2, 0, tiny_tokenizer), tiny_llama(1, 1, tiny_tokenizer)
     before = kl_to_teacher(student, teacher, batch)
-    distillation = DistillationConfig(**{**KD, "mode": "on_policy"}, on_policy_fraction=0.5)
+    distillation = DistillationConfig(
+        **{**KD, "mode": "on_policy"}, on_policy_fraction=0.5, on_policy_sampling=sampling
+    )
     model, rows = fit(tmp_path, tiny_tokenizer, student, teacher, examples, distillation)
     assert kl_to_teacher(model, teacher, batch) < 0.5 * before
 
@@ -123,6 +135,16 @@ def test_multi_teacher_mode_lowers_the_kl_to_the_mixture(tmp_path, tiny_tokenize
     before = kl_to_teacher(student, [a, b], batch, [1.0, 0.5])
     model, _ = fit(tmp_path, tiny_tokenizer, student, a, examples, DistillationConfig(**KD), extra_teachers=[(b, 0.5)])
     assert kl_to_teacher(model, [a, b], batch, [1.0, 0.5]) < 0.5 * before
+
+
+@pytest.mark.parametrize("teacher_weight", [1e3, 1e-3])
+def test_teacher_weight_sets_the_main_teachers_share(tmp_path, tiny_tokenizer, examples, batch, teacher_weight):
+    a, b, student = tiny_llama(2, 0, tiny_tokenizer), tiny_llama(2, 5, tiny_tokenizer), tiny_llama(1, 1, tiny_tokenizer)
+    dist = DistillationConfig(**KD, teacher_weight=teacher_weight)
+    model, _ = fit(tmp_path, tiny_tokenizer, student, a, examples, dist, extra_teachers=[(b, 1.0)])
+    to_a, to_b = kl_to_teacher(model, [a], batch), kl_to_teacher(model, [b], batch)
+    # A dominant main teacher pulls the student to it; a negligible one leaves it to the extra teacher.
+    assert (to_a < to_b) if teacher_weight > 1 else (to_b < to_a)
 
 
 # --------------------------------------------------------------------------------------------- transfer

@@ -210,14 +210,19 @@ class OnPolicySampler:
 
     @classmethod
     def for_model(
-        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fraction: float, seed: int
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        fraction: float,
+        seed: int,
+        greedy: bool = False,
     ) -> OnPolicySampler:
         """A sampler that stops where the model's generation config or the tokenizer says the answer ends."""
         eos = base_model(model).generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         if tokenizer.eos_token_id is not None:
             stops.add(tokenizer.eos_token_id)
-        return cls(fraction, seed, tokenizer.pad_token_id, sorted(stops))
+        return cls(fraction, seed, tokenizer.pad_token_id, sorted(stops), greedy=greedy)
 
     def __call__(self, model: PreTrainedModel, inputs: dict[str, torch.Tensor], step: int, micro: int = 0):
         """The batch with the chosen samples' answers replaced by the student's (unchanged when none is chosen)."""

@@ -303,7 +303,8 @@ def train_student(
             sparse teacher targets (`teacher_topk`, see `Collator`), which then stand in for the teacher.
         teacher_tokenizer: checked against `tokenizer` (token -> id maps) before any token-level KD; None means
             the teacher uses `tokenizer`.
-        extra_teachers: (model, weight) members of a teacher mixture; the main teacher has weight 1.
+        extra_teachers: (model, weight) members of a teacher mixture; the main teacher has
+            `distillation.teacher_weight`.
         logit_cache: cached top-k teacher targets of these examples; the teacher is then not needed.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,7 @@ def train_student(
         )
         teachers = [teacher, *(model for model, _ in extra_teachers)]
         if extra_teachers:  # same tokenizer (load_extra_teachers checks), maybe other padding of the head
-            weights = [1.0, *(w for _, w in extra_teachers)]
+            weights = [distillation.teacher_weight, *(w for _, w in extra_teachers)]
             vocab_size = min(vocab_size, *(head_rows(model) for model, _ in extra_teachers))
     if logit_cache is not None:
         train_examples = logit_cache.dataset("train", train_examples)
@@ -329,7 +330,13 @@ def train_student(
     transfer = LayerTransfer(distillation.transfer, student, teacher) if distillation.transfer else None
     on_policy = None
     if distillation.mode == "on_policy" and distillation.on_policy_fraction > 0:
-        on_policy = OnPolicySampler.for_model(student, tokenizer, distillation.on_policy_fraction, training.seed)
+        on_policy = OnPolicySampler.for_model(
+            student,
+            tokenizer,
+            distillation.on_policy_fraction,
+            training.seed,
+            greedy=distillation.on_policy_sampling == "greedy",
+        )
 
     args = training_arguments(training, out_dir / "checkpoints", bool(validation_examples))
     term_weights = {"kd": kd.alpha, "ce": 1 - kd.alpha}
@@ -386,7 +393,8 @@ def check_teacher_signal(cfg: DistillationConfig, *, teacher: bool, cache: bool,
         cache: training reads the teacher's targets from a logit cache.
         targets_in_data: the examples carry their own sparse teacher targets.
 
-    TODO(config.py): the parts that depend on the job file alone belong in its validation.
+    A job file with such a combination is refused when it is loaded (`config._combination_problems`); this guards
+    direct calls of `train_student`, where what is in memory is only known at run time.
     """
     problems = []
     if cfg.mode == "on_policy" and cache:
