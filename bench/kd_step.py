@@ -1,9 +1,9 @@
 """One KD training step with the teacher in the loop: our `train_student` vs TRL's `GKDTrainer`, same batch.
 
 Run with no arguments: ``python bench/kd_step.py`` (``DISTILL_HOME`` pointing at a cache where the built-in teacher
-is already converted saves ~40 s). Six processes (3 cases x 2 interleaved runs, ``--repeats``): about 5 minutes on
-2 CPU cores with ``--threads 1``, up to 10 with 2 threads on a machine busy with other jobs, where ``--threads 1``
-also gives steadier figures (see ``use_threads`` in bench/_common.py).
+is already converted saves ~40 s). Ten processes (5 cases x 2 interleaved runs, ``--repeats``): about 6.5 minutes
+on an idle 2-core machine; on a machine busy with other jobs ``--threads 1`` gives steadier figures (see
+``use_threads`` in bench/_common.py) and ``--repeats 1`` halves the time.
 
 Setting, the same for every case: teacher SmolLM2-135M-Instruct (30 layers, vocabulary 49,152); student its depth-
 pruned copy with 10 of the 30 layers (``prune_layers(teacher, uniform_layers(30, 10))``); one fixed batch of 4
@@ -22,6 +22,10 @@ our default ``TrainingConfig``; CUDA in bf16 when available, else CPU in fp32. C
 * ``ours+cache``: ``train_student`` reading the teacher's top-64 log-probs from an offline logit cache
   (:mod:`distill.logit_cache`) built beforehand from the same examples (building it is not timed: it is done
   once per dataset); the teacher is freed before training, as in a real cached run.
+* ``trl+ckpt`` and ``ours+cache+ckpt``: the same two with activation (gradient) checkpointing on, which is
+  ``GKDConfig``'s own default (``training.gradient_checkpointing: true`` for ours). With the teacher gone and
+  the logits chunked, what is left of our step's memory is mostly the student's activations, which only
+  checkpointing removes; this pair compares both trainers at that setting.
 
 Each case runs 1 warm-up step and then 2 measured steps with ``Trainer.train()``; a callback times each step from
 ``on_step_begin`` to ``on_step_end``: forward of teacher and student, loss, backward, gradient clipping, optimiser
@@ -45,14 +49,14 @@ Memory, per case (see bench/_common.py for the method: RSS on CPU, ``max_memory_
   gradients are not allocated yet): the step's working memory.
 
 The last line printed holds the headline figures: ``speedup`` (TRL step time / ours), ``memory_ratio``,
-``total_memory_ratio`` and the same for the cache (``cache_*``; ``n/a`` when ``distill.logit_cache`` does not exist).
+``total_memory_ratio``, the same for the cache (``cache_*``, against ``trl``) and for the checkpointed pair
+(``ckpt_cache_*``, ``ours+cache+ckpt`` against ``trl+ckpt``).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import itertools
 import json
 import tempfile
@@ -94,7 +98,6 @@ MEASURED_STEPS = 2
 TEMPERATURE = 2.0
 ALPHA = 1.0
 CACHE_TOP_K = 64
-HAS_CACHE = importlib.util.find_spec("distill.logit_cache") is not None
 
 
 def make_examples(tokenizer) -> list[dict]:
@@ -196,11 +199,15 @@ class StepProbe(TrainerCallback):
         }
 
 
-def training_config() -> TrainingConfig:
-    return TrainingConfig(max_steps=WARMUP_STEPS + MEASURED_STEPS, batch_size=BATCH)
+def training_config(checkpointing: bool = False) -> TrainingConfig:
+    return TrainingConfig(
+        max_steps=WARMUP_STEPS + MEASURED_STEPS, batch_size=BATCH, gradient_checkpointing=checkpointing
+    )
 
 
-def run_ours(student, tokenizer, teacher, examples, out_dir: Path, probe: StepProbe, cache=None) -> None:
+def run_ours(
+    student, tokenizer, teacher, examples, out_dir: Path, probe: StepProbe, cache=None, checkpointing=False
+) -> None:
     """`train_student` as `distill run` calls it; only its progress bar is replaced by the probe."""
     distill_cfg = DistillationConfig(
         mode="logit", loss="forward_kl", temperature=TEMPERATURE, alpha=ALPHA, logit_cache=cache is not None
@@ -210,11 +217,11 @@ def run_ours(student, tokenizer, teacher, examples, out_dir: Path, probe: StepPr
     distill_trainer.RichProgress = lambda: probe  # display only; the probe takes its slot among the callbacks
     kwargs = {"logit_cache": cache} if cache is not None else {}
     distill_trainer.train_student(
-        student, tokenizer, teacher, examples, [], training_config(), distill_cfg, out_dir, **kwargs
+        student, tokenizer, teacher, examples, [], training_config(checkpointing), distill_cfg, out_dir, **kwargs
     )
 
 
-def run_trl(student, tokenizer, teacher, examples, out_dir: Path, probe: StepProbe) -> None:
+def run_trl(student, tokenizer, teacher, examples, out_dir: Path, probe: StepProbe, checkpointing=False) -> None:
     """TRL's GKD trainer on the same examples and batches, with our optimiser settings."""
     from datasets import Dataset
     from trl.import_utils import TRLExperimentalWarning
@@ -231,7 +238,7 @@ def run_trl(student, tokenizer, teacher, examples, out_dir: Path, probe: StepPro
     args = GKDConfig(
         output_dir=str(out_dir / "trl"),
         **{name: getattr(ours, name) for name in shared},
-        gradient_checkpointing=False,
+        gradient_checkpointing=checkpointing,
         lmbda=0.0,
         beta=0.0,
         temperature=TEMPERATURE,
@@ -282,16 +289,17 @@ def child(case: str) -> None:
     student = prune_layers(teacher, uniform_layers(n_layers, KEEP_LAYERS))
     examples = make_examples(tokenizer)
     batch = Collator(tokenizer.pad_token_id)(examples)
+    checkpointing = case.endswith("+ckpt")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        if case == "ours+cache":
+        if case.startswith("ours+cache"):
             cache = build_cache(teacher, tokenizer, examples, out)
             del teacher  # a cached run never loads the teacher
             gc.collect()
             touch_weights(student)
             probe = StepProbe(device, student)
             weights = _settled_bytes(meter) - empty
-            run_ours(student, tokenizer, None, examples, out / "run", probe, cache=cache)
+            run_ours(student, tokenizer, None, examples, out / "run", probe, cache=cache, checkpointing=checkpointing)
         else:
             touch_weights(teacher, student)
             probe = StepProbe(device, student, teacher)
@@ -299,7 +307,7 @@ def child(case: str) -> None:
             if case == "ours":
                 run_ours(student, tokenizer, teacher, examples, out / "run", probe)
             else:
-                run_trl(student, tokenizer, teacher, examples, out, probe)
+                run_trl(student, tokenizer, teacher, examples, out, probe, checkpointing=checkpointing)
     emit_case(probe.result(weights, batch))
 
 
@@ -315,7 +323,7 @@ def main(repeats: int) -> None:
         f"({'bf16' if torch.cuda.is_available() else 'fp32'}); best of {repeats} runs x {MEASURED_STEPS} steps per case"
     )
     print(f"at start: {load_average()}")
-    cases = ["ours", "trl"] + (["ours+cache"] if HAS_CACHE else [])
+    cases = ["ours", "trl", "ours+cache", "trl+ckpt", "ours+cache+ckpt"]
     runs = run_cases(__file__, {case: (case,) for case in cases}, repeats)
     print(f"at end:   {load_average()}")
     results = {}
@@ -326,30 +334,28 @@ def main(repeats: int) -> None:
             r[key] = max(values) if values else None
         r["total_mib"] = r["weights_mib"] + r["train_mib"]
         r["all_step_s"] = " | ".join(" ".join(f"{t:.1f}" for t in run["all_step_s"]) for run in runs[case])
-    trl = results["trl"]
+    # Each case against the TRL case with the same checkpointing setting.
+    peer = {case: results["trl+ckpt" if case.endswith("+ckpt") else "trl"] for case in cases}
 
     print("\ntime of one training step (best measured step; 'rest' = LM head + loss + backward + grad clipping)")
     rows = [
-        [case, r["step_s"], r["tokens"] / r["step_s"], trl["step_s"] / r["step_s"], r["teacher_s"],
+        [case, r["step_s"], r["tokens"] / r["step_s"], peer[case]["step_s"] / r["step_s"], r["teacher_s"],
          r["student_fwd_s"], r["optim_s"], r["rest_s"], r["all_step_s"]]
         for case, r in results.items()
     ]  # fmt: skip
-    if not HAS_CACHE:
-        rows.append(["ours+cache", *["n/a"] * 7, "n/a: logit cache not built yet (src/distill/logit_cache.py)"])
     print_table(
         ["case", "step s", "tok/s", "speedup", "teacher s", "student fwd s", "optim s", "rest s",
          "all steps s (warm-up first, per run)"],
         rows,
     )  # fmt: skip
+    print("speedup and the ratios below: against `trl`, or `trl+ckpt` for the +ckpt cases")
 
-    print(f"\npeak memory above the process with its imports ({trl['method']})")
+    print(f"\npeak memory above the process with its imports ({results['trl']['method']})")
     rows = [
         [case, r["weights_mib"], r["train_mib"], r["total_mib"], "n/a" if r["step_mib"] is None else r["step_mib"],
-         r["train_mib"] / trl["train_mib"], r["total_mib"] / trl["total_mib"]]
+         r["train_mib"] / peer[case]["train_mib"], r["total_mib"] / peer[case]["total_mib"]]
         for case, r in results.items()
     ]  # fmt: skip
-    if not HAS_CACHE:
-        rows.append(["ours+cache", *["n/a"] * 6])
     print_table(["case", "weights MiB", "train MiB", "total MiB", "step MiB", "train/TRL", "total/TRL"], rows)
 
     ours = results["ours"]
@@ -357,18 +363,13 @@ def main(repeats: int) -> None:
         f"\ntokens per step: {ours['tokens']} (all of them: tok/s counts these), of which {ours['label_tokens']} "
         "carry labels"
     )
-    figures: dict[str, object] = {
-        "speedup": trl["step_s"] / ours["step_s"],
-        "memory_ratio": ours["train_mib"] / trl["train_mib"],
-        "total_memory_ratio": ours["total_mib"] / trl["total_mib"],
-    }
-    if HAS_CACHE:
-        cached = results["ours+cache"]
-        figures["cache_speedup"] = trl["step_s"] / cached["step_s"]
-        figures["cache_memory_ratio"] = cached["train_mib"] / trl["train_mib"]
-        figures["cache_total_memory_ratio"] = cached["total_mib"] / trl["total_mib"]
-    else:
-        figures.update(cache_speedup="n/a", cache_memory_ratio="n/a", cache_total_memory_ratio="n/a")
+    figures: dict[str, object] = {}
+    for prefix, case in (("", "ours"), ("cache_", "ours+cache"), ("ckpt_cache_", "ours+cache+ckpt")):
+        r, trl = results[case], peer[case]
+        figures[prefix + "speedup"] = trl["step_s"] / r["step_s"]
+        figures[prefix + "memory_ratio"] = r["train_mib"] / trl["train_mib"]
+        figures[prefix + "total_memory_ratio"] = r["total_mib"] / trl["total_mib"]
+    trl = results["trl"]
     figures.update(ours_tok_s=ours["tokens"] / ours["step_s"], trl_tok_s=trl["tokens"] / trl["step_s"])
     print(summary_line(figures))
 

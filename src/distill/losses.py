@@ -548,9 +548,9 @@ def _fused_linear_kd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Loss, kd, ce (normalised) and, if asked, the gradients wrt hidden [N, H], weight [V, H], bias [V].
 
-    Works one chunk of rows at a time: project to fp32 logits [C, V], let autograd differentiate only the
-    logits -> loss part of that chunk, then push d loss / d logits through the linear layer by hand. Only the
-    [C, V] temporaries of one chunk are ever alive.
+    Works one chunk of rows at a time: project to fp32 logits [C, V], get d loss / d logits of that chunk (in
+    closed form for forward KL, :func:`_forward_kl_rows_and_grad`; else autograd on the logits -> loss part alone),
+    then push it through the linear layer by hand. Only the [C, V] temporaries of one chunk are ever alive.
     """
     n, h_dim = hidden.shape
     device = hidden.device
