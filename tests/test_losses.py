@@ -11,6 +11,7 @@ from distill.losses import (
     DIVERGENCES,
     TAIL_FLOOR,
     KDLossConfig,
+    TiedEmbeddingLookup,
     attention_transfer_loss,
     ce_loss_from_hidden,
     forward_kl,
@@ -474,6 +475,38 @@ def test_closed_form_forward_kl_matches_autograd(gen, targets, temperature, alph
         assert torch.isfinite(g).all()
         # x40 logits are up to ~1e3: fp32 rounding of two correct computations differs at ~1e-7 of that.
         close(g, pg, rtol=RTOL if scale == 1 else 1e-4, atol=ATOL if scale == 1 else 1e-4)
+
+
+@pytest.mark.parametrize("upstream", [1.0, 3.0])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_tied_lookup_folds_its_gradient_into_the_heads(gen, upstream, padding_idx):
+    # A tied model: the input embedding is the LM head. The folded lookup must give the weight the same gradient
+    # as nn.Embedding's own backward (padding row included) summed with the head's.
+    emb = torch.nn.Embedding(V, HS, padding_idx=padding_idx)
+    mixer = torch.randn(HS, HS, generator=gen) * 0.3
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    ids[0, :2] = 2
+    labels = make_labels(gen)
+    _, _, _, th, tw, _ = student_and_teacher(gen)
+    cfg = KDLossConfig(temperature=2.0, alpha=0.5, chunk_size=3)
+
+    def weight_grad(fold: bool) -> torch.Tensor:
+        emb.weight.grad = None
+        lookup = TiedEmbeddingLookup(emb) if fold else None
+        hidden = torch.tanh((lookup(ids) if fold else emb(ids)) @ mixer)  # a stand-in for the decoder trunk
+        out = kd_loss_from_hidden(hidden, emb.weight, th, tw, labels, cfg, tied_lookup=lookup)
+        (out.loss * upstream).backward()
+        return emb.weight.grad
+
+    close(weight_grad(fold=True), weight_grad(fold=False))
+
+    # Without a head gradient (the lookup used alone) it makes its own dense gradient, as nn.Embedding does.
+    emb.weight.grad = None
+    (TiedEmbeddingLookup(emb)(ids) * 2).sum().backward()
+    alone = emb.weight.grad
+    emb.weight.grad = None
+    (emb(ids) * 2).sum().backward()
+    close(alone, emb.weight.grad)
 
 
 def test_sparse_ids_outside_the_vocab_fall_into_the_tail(gen):

@@ -35,7 +35,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
 
 
-def tiny_llama(layers: int, seed: int, tokenizer, vocab_size: int = 96, hidden: int = 64) -> LlamaForCausalLM:
+def tiny_llama(
+    layers: int, seed: int, tokenizer, vocab_size: int = 96, hidden: int = 64, tied: bool = False
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -48,7 +50,7 @@ def tiny_llama(layers: int, seed: int, tokenizer, vocab_size: int = 96, hidden: 
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 

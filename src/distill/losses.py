@@ -620,7 +620,8 @@ class _FusedLinearKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher, cfg, denom):
+    def forward(ctx, hidden, weight, bias, labels, teacher, cfg, denom, tied_lookup):
+        ctx.tied_lookup = tied_lookup
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         loss, kd, ce, grads = _fused_linear_kd(hidden, weight, bias, labels, teacher, cfg, denom, want)
         # save_for_backward, not a ctx attribute: autograd frees saved tensors after backward ([V, H] fp32 here).
@@ -640,7 +641,57 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                 grad = grad if scale is None else grad * scale
                 grad = grad.to(dtype)
             out.append(grad)
-        return *out, None, None, None, None
+        if ctx.tied_lookup is not None and out[1] is not None:
+            ctx.tied_lookup.head_grad = out[1]
+        return *out, None, None, None, None, None
+
+
+class TiedEmbeddingLookup:
+    """The student's input-embedding lookup, for a model whose input embeddings are its LM head (tied weights).
+
+    Why: by default the lookup's backward builds a dense ``[V, H]`` gradient (zeros except the batch's rows) and
+    autograd adds it to the head's dense ``[V, H]`` gradient at the very end of backward, where a training step's
+    memory peaks: one ``[V, H]`` tensor too many (113 MiB in fp32 for SmolLM2's 49k x 576, 545 MiB for a 152k x 896
+    head). Here the fused loss hands its head gradient over (``head_grad``) and the lookup's backward adds its rows
+    into it in place (``index_add_``), returning no gradient of its own: the weight's ``.grad`` is the same sum.
+    Autograd runs the lookup's backward after the loss's (the lookup feeds everything) and before accumulating the
+    weight's gradient (which waits for both). Hand-written: no library folds a tied lookup's gradient this way.
+
+    One instance per forward pass. Falls back to a dense gradient when no head gradient arrived.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+            raise ValueError("TiedEmbeddingLookup supports plain nn.Embedding lookups only")
+        self.weight = embedding.weight
+        self.padding_idx = embedding.padding_idx
+        self.head_grad: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return _TiedLookupFunction.apply(input_ids, self.weight, self)
+
+
+class _TiedLookupFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, lookup):
+        ctx.save_for_backward(input_ids)
+        ctx.lookup, ctx.weight_shape = lookup, weight.shape
+        return F.embedding(input_ids, weight, lookup.padding_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.lookup.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            keep = ids != ctx.lookup.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        target, ctx.lookup.head_grad = ctx.lookup.head_grad, None
+        if target is None:
+            dense = grad_out.new_zeros(ctx.weight_shape)
+            return None, dense.index_add_(0, ids, rows.to(dense.dtype)), None
+        target.index_add_(0, ids, rows.to(target.dtype))
+        return None, None, None
 
 
 def kd_loss_from_hidden(
@@ -656,6 +707,7 @@ def kd_loss_from_hidden(
     teacher_topk: TeacherTopK | None = None,
     teacher_weights: Sequence[float] | None = None,
     vocab_size: int | None = None,
+    tied_lookup: TiedEmbeddingLookup | None = None,
 ) -> KDLossOutput:
     """KD + CE loss from final hidden states and LM heads, ``cfg.chunk_size`` valid positions at a time.
 
@@ -677,6 +729,8 @@ def kd_loss_from_hidden(
         teacher_topk: sparse targets ``(logprobs [B, T, K], ids [B, T, K])`` instead of a teacher model.
         teacher_weights: mixture weights for a list of teachers (default: equal).
         vocab_size: use only the first ``vocab_size`` ids (default: the smallest vocabulary involved).
+        tied_lookup: the :class:`TiedEmbeddingLookup` that made the student's input embeddings, when its weight is
+            ``student_head_weight`` itself: the lookup's gradient is then added into the head's in place.
     """
     teacher_hs, teacher_ws = _as_list(teacher_hidden), _as_list(teacher_head_weight)
     _check_teacher(len(teacher_hs), teacher_topk is not None, cfg, "teacher_hidden (with teacher_head_weight)")
@@ -692,6 +746,8 @@ def kd_loss_from_hidden(
     hidden = _select(student_hidden, index)  # [N, Hs]; autograd scatters its gradient back to [B, T, Hs]
     # Slice only a padded head: the backward of even a full-length slice allocates a second [V, H] gradient.
     weight = student_head_weight if v == student_head_weight.shape[0] else student_head_weight[:v]
+    if tied_lookup is not None and tied_lookup.weight is not weight:
+        tied_lookup = None  # another tensor, or a sliced head: the lookup then makes its own dense gradient
     bias = student_head_bias if student_head_bias is None or v == student_head_bias.shape[0] else student_head_bias[:v]
     with torch.no_grad():
         topk = None
@@ -708,7 +764,9 @@ def kd_loss_from_hidden(
     denom = _denominator(num_items, n_valid, hidden.device)
     inputs = (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        loss, kd, ce = _FusedLinearKDFunction.apply(hidden, weight, bias, valid_labels, teacher, cfg, denom)
+        loss, kd, ce = _FusedLinearKDFunction.apply(
+            hidden, weight, bias, valid_labels, teacher, cfg, denom, tied_lookup
+        )
     else:
         loss, kd, ce, _ = _fused_linear_kd(hidden, weight, bias, valid_labels, teacher, cfg, denom, (False,) * 3)
     return KDLossOutput(loss, kd, ce)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from distill.config import DistillationConfig, LoraConfig, StudentConfig, TrainingConfig, TransferPair
 from distill.losses import KDLossConfig, kd_loss_from_logits
 from distill.student import add_lora
+from distill.train import modes
 from distill.train.data import IGNORE, Collator, encode_records
 from distill.train.modes import DistillLoss, OnPolicySampler
 from distill.train.trainer import loss_config, train_student
@@ -113,6 +114,24 @@ def test_on_policy_mode_lowers_the_kl(tmp_path, tiny_tokenizer, examples, batch,
 
 
 # --------------------------------------------------------------------------------------------- multi-teacher
+
+
+def test_tied_student_gets_the_same_gradients_with_the_folded_lookup(tiny_tokenizer, batch, monkeypatch):
+    teacher = tiny_llama(2, 0, tiny_tokenizer)
+    student = tiny_llama(1, 1, tiny_tokenizer, tied=True).train()
+    assert modes.tied_lookup(student) is not None  # this model takes the folded path
+
+    def grads():
+        student.zero_grad(set_to_none=True)
+        DistillLoss(KDLossConfig(temperature=2.0, alpha=0.5), [teacher])(student, batch).loss.backward()
+        return {name: p.grad.clone() for name, p in student.named_parameters()}
+
+    folded = grads()
+    monkeypatch.setattr(modes, "tied_lookup", lambda model: None)  # the model's own nn.Embedding backward
+    plain = grads()
+    assert folded.keys() == plain.keys()
+    for name, g in folded.items():
+        torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_multi_teacher_loss_is_the_weighted_mixture(tiny_tokenizer, batch):

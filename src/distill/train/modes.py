@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import ExtraTeacher, TeacherConfig
-from distill.losses import KDLossConfig, kd_loss_from_hidden
+from distill.losses import KDLossConfig, TiedEmbeddingLookup, kd_loss_from_hidden
 from distill.models import load_model
 from distill.train.data import IGNORE, Collator
 from distill.train.tokenizers import head_rows, shared_vocab_size
@@ -38,10 +38,35 @@ def head_of(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tensor, torc
     return base.get_decoder(), head.weight, getattr(head, "bias", None)
 
 
-def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (post-norm) hidden states [B, T, H]: what the head turns into logits."""
+def final_hidden(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    lookup: TiedEmbeddingLookup | None = None,
+) -> torch.Tensor:
+    """Final (post-norm) hidden states [B, T, H]: what the head turns into logits.
+
+    With `lookup` (see :func:`tied_lookup`), the input embeddings come from it instead of the model's own lookup.
+    """
     trunk, _, _ = head_of(model)
+    if lookup is not None:
+        return trunk(inputs_embeds=lookup(input_ids), attention_mask=attention_mask, use_cache=False).last_hidden_state
     return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def tied_lookup(model: PreTrainedModel) -> TiedEmbeddingLookup | None:
+    """A :class:`~distill.losses.TiedEmbeddingLookup` for a training step of `model`, or None when it does not apply:
+    the input embedding must be a plain ``nn.Embedding`` (not a subclass that scales or otherwise changes its output)
+    whose weight is the LM head's and is being trained."""
+    base = base_model(model)
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if type(emb) is not torch.nn.Embedding or head is None or emb.weight is not head.weight:
+        return None
+    if not (torch.is_grad_enabled() and emb.weight.requires_grad):
+        return None
+    if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
+        return None
+    return TiedEmbeddingLookup(emb)
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -100,9 +125,10 @@ class DistillLoss:
             num_items = labels.ne(IGNORE).sum()
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         capture = self.transfer.capture(model, "student") if self.transfer else contextlib.nullcontext({})
-        with capture as student_feats:
-            hidden = final_hidden(model, ids, mask)[:, :-1]
         _, weight, bias = head_of(model)
+        lookup = tied_lookup(model)  # tied head: one [V, H] gradient fewer at the end of backward
+        with capture as student_feats:
+            hidden = final_hidden(model, ids, mask, lookup)[:, :-1]
 
         cached = "teacher_topk_logprobs" in inputs
         need_teacher = self.transfer is not None or (self.kd.alpha > 0 and not cached)
@@ -138,6 +164,7 @@ class DistillLoss:
             teacher_topk=topk,
             teacher_weights=self.teacher_weights if dense else None,
             vocab_size=self.vocab_size,
+            tied_lookup=lookup,
         )
         loss = out.loss
 
