@@ -684,8 +684,8 @@ class _TiedLookupFunction(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.lookup.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
-            keep = ids != ctx.lookup.padding_idx
-            ids, rows = ids[keep], rows[keep]
+            # Zeroed rather than dropped: boolean indexing would make a GPU wait for the host.
+            rows = rows.masked_fill((ids == ctx.lookup.padding_idx)[:, None], 0.0)
         target, ctx.lookup.head_grad = ctx.lookup.head_grad, None
         if target is None:
             dense = grad_out.new_zeros(ctx.weight_shape)
