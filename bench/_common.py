@@ -191,6 +191,18 @@ def load_average() -> str:
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min) on {os.cpu_count()} cpus"
 
 
+def memory_state() -> str:
+    """Free memory and page cache (Linux): code that allocates and frees much memory per step runs slower when the
+    kernel must first reclaim page cache for every fresh allocation, so timings say which state they were taken in.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) // 1024 for line in f}
+    except (OSError, ValueError, IndexError):
+        return "memory state n/a"
+    return f"memory: {info.get('MemFree', 0):,} MiB free, {info.get('Cached', 0):,} MiB page cache"
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Print an aligned text table. Floats get 3 significant digits (no exponent below 1e6); pass a string to
     format a value yourself. Columns whose every cell reads as a number are right-aligned, others left-aligned."""

@@ -74,6 +74,7 @@ from _common import (
     device_name,
     emit_case,
     load_average,
+    memory_state,
     pick_device,
     print_table,
     run_cases,
@@ -322,7 +323,7 @@ def main(repeats: int) -> None:
         f"student {KEEP_LAYERS}/30 layers of {TEACHER}, on {device_name()} "
         f"({'bf16' if torch.cuda.is_available() else 'fp32'}); best of {repeats} runs x {MEASURED_STEPS} steps per case"
     )
-    print(f"at start: {load_average()}")
+    print(f"at start: {load_average()}; {memory_state()}")
     cases = ["ours", "trl", "ours+cache", "trl+ckpt", "ours+cache+ckpt"]
     runs = run_cases(__file__, {case: (case,) for case in cases}, repeats)
     print(f"at end:   {load_average()}")
