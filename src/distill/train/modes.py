@@ -49,9 +49,18 @@ def final_hidden(
     With `lookup` (see :func:`tied_lookup`), the input embeddings come from it instead of the model's own lookup.
     """
     trunk, _, _ = head_of(model)
-    if lookup is not None:
-        return trunk(inputs_embeds=lookup(input_ids), attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    inputs = {"inputs_embeds": lookup(input_ids)} if lookup is not None else {"input_ids": input_ids}
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return trunk(**inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # DDP averages gradients only for a forward that went through the wrapper: run the whole model there (logits
+    # for the last position only, unused) and keep what the trunk returned.
+    captured: list[torch.Tensor] = []
+    handle = trunk.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        model(**inputs, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def tied_lookup(model: PreTrainedModel) -> TiedEmbeddingLookup | None:

@@ -41,7 +41,9 @@ _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
+    """The transformers model under a DDP and/or PEFT wrapper (or the model itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
