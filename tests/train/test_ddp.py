@@ -1,9 +1,10 @@
 """Two CPU processes (torchrun, gloo): the Trainer's DDP wraps the student, and the loss must run the student's
 forward through the wrapper or DDP never averages the gradients. Equal weights on both ranks after training on
-different data shards show that it does."""
+different data shards show that it does; the training log is written once, with the terms of both ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -55,3 +56,9 @@ def test_ddp_training_keeps_the_ranks_in_sync(tmp_path):
     weights = sorted(line.split(" WEIGHTS ")[1] for line in done.stdout.splitlines() if " WEIGHTS " in line)
     assert len(weights) == 2, done.stdout
     assert weights[0] == weights[1], "the ranks' students differ: DDP did not average the gradients"
+    # One writer, and terms that add up to the logged loss (alpha 0.5): each process's terms are only its part.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for r in train:
+        assert r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"], rel=1e-4)

@@ -118,7 +118,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_raises_the_overfitting_ala
 def test_balance_warning_names_the_outweighed_term(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="distill")
     logger = JsonlLogger(tmp_path / "log.jsonl", {"kd": 0.5, "ce": 0.5, "transfer/0": 1.0, "transfer/1": 0.0})
-    state = type("State", (), {"global_step": 1})()
+    state = type("State", (), {"global_step": 1, "is_world_process_zero": True})()
     logger.on_log(None, state, None, logs={"loss": 1.0, "kd": 1.0, "ce": 2.0, "transfer/0": 1e-4, "transfer/1": 1e-9})
     assert "loss term ce (1) outweighs transfer/0 (0.0001)" in caplog.text
     assert "transfer/1" not in caplog.text  # weight 0: not part of the loss

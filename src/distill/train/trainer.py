@@ -123,7 +123,15 @@ class DistillTrainer(Trainer):
             # Per-micro-batch terms are normalised by the whole step's token count: their sum per step is the
             # step's term. Report the mean per optimisation step since the last log.
             steps = max(1, self.terms.n / self.args.gradient_accumulation_steps)
-            logs.update({name: total / steps for name, total in self.terms.sums.items()})
+            sums = self.terms.sums
+            if self.args.world_size > 1:
+                # Each process holds its part: with tokens counted across processes the step's term is the sum of
+                # the parts (as the logged loss is), else their mean. Every process logs, so all take part.
+                names = sorted(sums)
+                parts = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=self.args.device)
+                how = "sum" if self.args.average_tokens_across_devices else "mean"
+                sums = dict(zip(names, self.accelerator.reduce(parts, reduction=how).tolist(), strict=True))
+            logs.update({name: total / steps for name, total in sums.items()})
             self.terms = LossTerms()
         super().log(logs, *args, **kwargs)
 
@@ -143,6 +151,8 @@ class JsonlLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if not state.is_world_process_zero:  # one writer and one set of warnings per run
+            return
         if "loss" in logs:
             row = {"step": state.global_step, "split": "train", "loss": logs["loss"]}
             row.update({k: v for k, v in logs.items() if k in self.weights or k in ("learning_rate", "grad_norm")})
@@ -341,7 +351,7 @@ def train_student(
     args = training_arguments(training, out_dir / "checkpoints", bool(validation_examples))
     term_weights = {"kd": kd.alpha, "ce": 1 - kd.alpha}
     term_weights.update({f"transfer/{i}": p.weight for i, p in enumerate(distillation.transfer)})
-    callbacks: list[TrainerCallback] = [JsonlLogger(out_dir / "training_log.jsonl", term_weights), RichProgress()]
+    callbacks: list[TrainerCallback] = [JsonlLogger(out_dir / "training_log.jsonl", term_weights)]
     if training.early_stopping_patience and validation_examples:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     attention_before = []
@@ -363,6 +373,8 @@ def train_student(
         )
         trainer.remove_callback(ProgressCallback)  # RichProgress replaces the tqdm bars and the dict prints
         trainer.remove_callback(PrinterCallback)
+        if trainer.is_world_process_zero():  # one progress bar per run, not one per process
+            trainer.add_callback(RichProgress())
         last = _last_checkpoint(out_dir / "checkpoints")
         if last:
             log.info("resuming training from %s", last)
