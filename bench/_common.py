@@ -39,6 +39,12 @@ import torch
 MIB = 2**20
 
 
+TEACHER = "builtin:smollm2-135m-instruct"
+"""The teacher every bench script measures: the built-in one, so no download is needed."""
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "examples" / "quickstart_prompts.jsonl"
+"""The quickstart's prompts: what the bench scripts feed the teacher."""
+
+
 def pick_device() -> tuple[torch.device, torch.dtype]:
     """CUDA in bf16 when a GPU is visible, else CPU in fp32 (what Distill itself picks with ``dtype: auto``)."""
     if torch.cuda.is_available():

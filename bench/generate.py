@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from pathlib import Path
 
 import torch
 
 from _common import (
+    PROMPTS_FILE,
+    TEACHER,
     PeakMemory,
     Stopwatch,
     best,
@@ -59,8 +60,6 @@ from distill.models import load_model
 from distill.teachers.base import GenerationParams, Prompt
 from distill.teachers.local import LocalTeacher
 
-TEACHER = "builtin:smollm2-135m-instruct"
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "examples" / "quickstart_prompts.jsonl"
 N_PROMPTS = 64
 MAX_NEW_TOKENS = 32
 BATCH_SIZES = (16, 32)

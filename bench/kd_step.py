@@ -69,6 +69,8 @@ from transformers import TrainerCallback
 
 from _common import (
     MIB,
+    PROMPTS_FILE,
+    TEACHER,
     PeakMemory,
     best,
     device_name,
@@ -89,8 +91,6 @@ from distill.teachers.local import chat_prompt_ids
 from distill.train import trainer as distill_trainer
 from distill.train.data import IGNORE, Collator, encode_records
 
-TEACHER = "builtin:smollm2-135m-instruct"
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "examples" / "quickstart_prompts.jsonl"
 KEEP_LAYERS = 10
 BATCH = 4
 SEQ_LEN = 256
