@@ -101,10 +101,18 @@ def test_settings_that_cannot_work_together_fail_at_load_time(tmp_path):
     with pytest.raises(DistillError) as e:
         load_job(path)
     msg = str(e.value)
-    assert msg.startswith(f"{path}: 3 problems")
+    # An API teacher can make no logit cache either: the mode is what is wrong, said once.
+    assert msg.startswith(f"{path}: 2 problems")
     assert "line 5   student.from: teacher builds the student from the teacher's weights" in msg
     assert "line 7   distillation.mode: on_policy needs the teacher's token distributions" in msg
-    assert "line 8   distillation.logit_cache: mode: on_policy scores the student's own answers" in msg
     # What an API teacher can do: SFT a student given by reference on its answers.
     ok = load_job(path, ["student.from=./my-student", "distillation.mode=sequence"])
     assert ok.teacher.backend == "openai" and ok.distillation.mode == "sequence"
+    # With a local teacher, on-policy batches still cannot come from the cache, nor transfer from SFT.
+    local = ["teacher.backend=local", "teacher.model=builtin:smollm2-135m-instruct"]
+    with pytest.raises(DistillError) as e:
+        load_job(path, local)
+    assert "line 8   distillation.logit_cache: mode: on_policy scores the student's own answers" in str(e.value)
+    transfer = [*local, "distillation.mode=sequence", "distillation.transfer=[{teacher: 2, student: 1}]"]
+    with pytest.raises(DistillError, match="distillation.transfer: needs the teacher's layers in memory"):
+        load_job(path, transfer)

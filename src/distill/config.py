@@ -371,29 +371,22 @@ def validate_job(data: dict, source: str | Path = "<job>", text: str | None = No
     return job
 
 
-def _combination_problems(job: JobConfig) -> list[tuple[tuple[str, ...], str]]:
-    """Settings that are valid one by one but cannot work together, caught before any stage runs (an API
-    teacher's generation can take hours; a combination that fails at training should fail here instead)."""
+Problem = tuple[tuple[str, ...], str]
+"""A problem with a job's settings: the dotted path of the field it points at, and what is wrong."""
+
+
+def teacher_signal_problems(
+    dist: DistillationConfig, *, teacher: bool, cache: bool, targets_in_data: bool = False
+) -> list[Problem]:
+    """Combinations of mode, teacher, logit cache and transfer that cannot work; the one home of these rules.
+
+    Args:
+        teacher: a teacher model is (or will be) in memory for training.
+        cache: training reads the teacher's targets from a logit cache.
+        targets_in_data: the examples carry their own sparse teacher targets.
+    """
     problems = []
-    dist, backend = job.distillation, job.teacher.backend
-    if backend != "local":
-        if dist.mode != "sequence":
-            problems.append(
-                (
-                    ("distillation", "mode"),
-                    f"{dist.mode} needs the teacher's token distributions, and teacher.backend: {backend} only "
-                    "gives its text; use mode: sequence (SFT on the teacher's answers) or teacher.backend: local",
-                )
-            )
-        if job.student.from_ in ("teacher", "config"):
-            problems.append(
-                (
-                    ("student", "from"),
-                    f"{job.student.from_} builds the student from the teacher's weights, which teacher.backend: "
-                    f"{backend} does not load; give a model reference (a local folder or a .gguf file)",
-                )
-            )
-    if dist.mode == "on_policy" and dist.logit_cache:
+    if dist.mode == "on_policy" and cache:
         problems.append(
             (
                 ("distillation", "logit_cache"),
@@ -401,12 +394,36 @@ def _combination_problems(job: JobConfig) -> list[tuple[tuple[str, ...], str]]:
                 "logit cache; set logit_cache: false",
             )
         )
-    if dist.transfer and (dist.logit_cache or dist.mode == "sequence"):
+    if dist.transfer and (not teacher or cache or dist.mode == "sequence"):
         problems.append(
             (
                 ("distillation", "transfer"),
-                "needs the teacher's layers in memory during training: use mode: logit or on_policy with "
-                "logit_cache: false",
+                "needs the teacher's layers in memory during training: use mode: logit or on_policy with a local "
+                "teacher and logit_cache: false",
+            )
+        )
+    if dist.mode != "sequence" and dist.alpha > 0 and not (teacher or cache or targets_in_data):
+        problems.append(
+            (
+                ("distillation", "mode"),
+                f"{dist.mode} needs the teacher's token distributions: a local teacher (teacher.backend: local) or "
+                "its logit cache; with a teacher that only gives text (an API) use mode: sequence",
+            )
+        )
+    return problems
+
+
+def _combination_problems(job: JobConfig) -> list[Problem]:
+    """Settings that are valid one by one but cannot work together, caught before any stage runs (an API
+    teacher's generation can take hours; a combination that fails at training should fail here instead)."""
+    local = job.teacher.backend == "local"
+    problems = teacher_signal_problems(job.distillation, teacher=local, cache=job.distillation.logit_cache and local)
+    if not local and job.student.from_ in ("teacher", "config"):
+        problems.append(
+            (
+                ("student", "from"),
+                f"{job.student.from_} builds the student from the teacher's weights, which teacher.backend: "
+                f"{job.teacher.backend} does not load; give a model reference (a local folder or a .gguf file)",
             )
         )
     return problems

@@ -30,7 +30,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from distill.config import DistillationConfig, TrainingConfig
+from distill.config import DistillationConfig, TrainingConfig, teacher_signal_problems
 from distill.errors import DistillError
 from distill.losses import KDLossConfig
 from distill.train.data import Collator
@@ -400,32 +400,12 @@ def train_student(
 def check_teacher_signal(cfg: DistillationConfig, *, teacher: bool, cache: bool, targets_in_data: bool = False) -> None:
     """Raise one DistillError listing every combination of mode, teacher, cache and transfer that cannot work.
 
-    Args:
-        teacher: a teacher model is in memory for training.
-        cache: training reads the teacher's targets from a logit cache.
-        targets_in_data: the examples carry their own sparse teacher targets.
-
-    A job file with such a combination is refused when it is loaded (`config._combination_problems`); this guards
-    direct calls of `train_student`, where what is in memory is only known at run time.
+    The rules are `config.teacher_signal_problems`, which also refuses such a job file when it is loaded; this
+    guards direct calls of `train_student`, where what is in memory is only known at run time.
     """
-    problems = []
-    if cfg.mode == "on_policy" and cache:
-        problems.append(
-            "distillation.mode: on_policy scores the student's own answers with the live teacher, so it cannot "
-            "train from distillation.logit_cache; set logit_cache: false"
-        )
-    if cfg.transfer and (not teacher or cache or cfg.mode == "sequence"):
-        problems.append(
-            "distillation.transfer needs the teacher's layers in memory: it works with mode: logit or on_policy "
-            "and logit_cache: false"
-        )
-    if cfg.mode != "sequence" and cfg.alpha > 0 and not (teacher or cache or targets_in_data):
-        problems.append(
-            f"distillation.mode: {cfg.mode} needs a local teacher (or distillation.logit_cache: true); "
-            "with an API teacher use mode: sequence"
-        )
+    problems = teacher_signal_problems(cfg, teacher=teacher, cache=cache, targets_in_data=targets_in_data)
     if problems:
-        raise DistillError("; ".join(problems))
+        raise DistillError("; ".join(f"{'.'.join(path)}: {msg}" for path, msg in problems))
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
