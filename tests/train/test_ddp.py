@@ -1,6 +1,7 @@
 """Two CPU processes (torchrun, gloo): the Trainer's DDP wraps the student, and the loss must run the student's
 forward through the wrapper or DDP never averages the gradients. Equal weights on both ranks after training on
-different data shards show that it does; the training log is written once, with the terms of both ranks."""
+different data shards show that it does; the training log is written once, with the terms of both ranks. The
+same holds with transfer terms (learned projections used outside the wrapper's forward) and on-policy batches."""
 
 from __future__ import annotations
 
@@ -19,26 +20,44 @@ from pathlib import Path
 
 import torch
 
-from distill.config import DistillationConfig, TrainingConfig
+from distill.config import DistillationConfig, TrainingConfig, TransferPair
+from distill.train import transfer
 from distill.train.data import encode_records
 from distill.train.trainer import train_student
 from tiny import make_tokenizer, qa_records, tiny_llama
 
+case = sys.argv[2]
 tok = make_tokenizer()
-teacher, student = tiny_llama(2, 0, tok), tiny_llama(1, 1, tok, tied=True)
+# Different widths under transfer: the cosine pair then trains a projection.
+teacher, student = tiny_llama(2, 0, tok), tiny_llama(1, 1, tok, hidden=32 if case == "transfer" else 64, tied=True)
 examples = encode_records(tok, qa_records(24), 64)
 training = TrainingConfig(max_steps=3, batch_size=4, save_every=100, eval_every=100, learning_rate=1e-2)
-model, _ = train_student(
-    student, tok, teacher, examples, [], training, DistillationConfig(alpha=0.5), Path(sys.argv[1])
-)
+dist = {
+    "logit": DistillationConfig(alpha=0.5),
+    "transfer": DistillationConfig(
+        alpha=0.5, transfer=[TransferPair(teacher=1, student=0), TransferPair(teacher=0, student=0, loss="attention")]
+    ),
+    "on_policy": DistillationConfig(alpha=0.5, mode="on_policy", on_policy_fraction=1.0),
+}[case]
+projections = []
+detach = transfer.LayerTransfer.detach
+def keep_projections(model):  # the projections leave the student before it is returned
+    attached = getattr(transfer.base_model(model), transfer.ATTRIBUTE, None)
+    if attached is not None:
+        projections[:] = [p.detach().clone() for p in attached.parameters()]
+    detach(model)
+if case == "transfer":
+    transfer.LayerTransfer.detach = staticmethod(keep_projections)
+model, _ = train_student(student, tok, teacher, examples, [], training, dist, Path(sys.argv[1]))
 rank = torch.distributed.get_rank()
-flat = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
-print(f"RANK {rank} WEIGHTS {flat.sum().item():.12e} {flat.abs().sum().item():.12e}", flush=True)
+flat = torch.cat([p.detach().flatten() for p in [*model.parameters(), *projections]]).double()
+print(f"RANK {rank} WEIGHTS {flat.sum().item():.12e} {flat.abs().sum().item():.12e} {len(projections)}", flush=True)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, as in CI")
-def test_ddp_training_keeps_the_ranks_in_sync(tmp_path):
+@pytest.mark.parametrize("case", ["logit", "transfer", "on_policy"])
+def test_ddp_training_keeps_the_ranks_in_sync(tmp_path, case):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     tests_dir = str(Path(__file__).resolve().parents[1])
@@ -50,15 +69,18 @@ def test_ddp_training_keeps_the_ranks_in_sync(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd += ["--master_port", str(port)]
     done = subprocess.run(
-        [*cmd, str(script), str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=240
+        [*cmd, str(script), str(tmp_path / "run"), case], capture_output=True, text=True, env=env, timeout=240
     )
     assert done.returncode == 0, done.stderr[-3000:]
     weights = sorted(line.split(" WEIGHTS ")[1] for line in done.stdout.splitlines() if " WEIGHTS " in line)
     assert len(weights) == 2, done.stdout
     assert weights[0] == weights[1], "the ranks' students differ: DDP did not average the gradients"
+    assert weights[0].endswith(" 1" if case == "transfer" else " 0")  # the projection was compared too
     # One writer, and terms that add up to the logged loss (alpha 0.5): each process's terms are only its part.
     rows = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     for r in train:
-        assert r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"], rel=1e-4)
+        transfer_terms = sum(v for k, v in r.items() if k.startswith("transfer/"))
+        assert r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"] + transfer_terms, rel=1e-4)
+        assert (transfer_terms > 0) == (case == "transfer")

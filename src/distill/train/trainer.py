@@ -286,6 +286,10 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, has_validation: bool)
         dataloader_num_workers=0,
         disable_tqdm=True,
         save_only_model=False,
+        # Under DDP: every student parameter takes part in each step's loss (the whole model runs through the
+        # wrapper), and the transfer projections are used after the wrapper's forward, where DDP's search for
+        # unused parameters would mark them ready early and fail in backward ("mark a variable ready only once").
+        ddp_find_unused_parameters=False,
     )
 
 
