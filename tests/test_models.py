@@ -81,3 +81,18 @@ def test_builtin_converts_once_then_reuses_and_gguf_path_works(distill_home, cap
     gguf = __import__("pathlib").Path(importlib.util.find_spec(spec.package).origin).parent / spec.filename
     other = resolve_reference(str(gguf))
     assert other != folder and (other / "config.json").is_file()
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "cuda"), ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1")])
+def test_auto_device_is_this_processs_gpu_under_a_launcher(monkeypatch, env, expected):
+    import torch
+
+    from distill.models import pick_device
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device(expected)
+    assert pick_device("cpu") == torch.device("cpu")

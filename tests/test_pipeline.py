@@ -16,6 +16,7 @@ import yaml
 from distill.config import load_job
 from distill.errors import DistillError, GateFailed
 from distill.pipeline import run_job
+from tiny import torchrun
 
 
 def test_run_end_to_end_then_reuse(tiny_job, caplog):
@@ -55,6 +56,35 @@ def test_run_end_to_end_then_reuse(tiny_job, caplog):
 
 def _generate_cmd(job):
     return [sys.executable, "-m", "distill.cli", "generate", str(job)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, as in CI")
+def test_run_under_torchrun_trains_on_both_processes_and_writes_once(tiny_job, distill_home):
+    """`torchrun -m distill run`: the data and the report are made once, training is data-parallel."""
+    done = torchrun(["-m", "distill", "run", str(tiny_job)], cwd=tiny_job.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert out.count("done. report:") == 1 and out.count("student: ") == 1, out[-3000:]
+    run = tiny_job.parent / "runs" / "tiny"
+    shards = (run / "synthetic").glob("part-*.jsonl")
+    records = [json.loads(line) for shard in shards for line in shard.read_text().splitlines()]
+    assert len(records) == 30 and len({r["id"] for r in records}) == 30  # generated once, not once per process
+    assert (run / "report.md").is_file() and (run / "student" / "model.safetensors").is_file()
+    # Data-parallel: each step saw batch_size examples on each of the 2 processes.
+    n_train = json.loads((run / "data_summary.json").read_text())["splits"]["train"]
+    state = json.loads(next((run / "training" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["log_history"][0]["epoch"] == pytest.approx(2 * 4 / n_train)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, as in CI")
+def test_bad_input_under_torchrun_is_reported_once_by_the_main_process(tiny_job, distill_home):
+    prompts = tiny_job.parent / "prompts.jsonl"
+    prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
+    done = torchrun(["-m", "distill", "run", str(tiny_job)], cwd=tiny_job.parent)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert out.count("2 prompts; at least 3 are needed") == 1, out[-3000:]
+    assert "[rank1]" not in out, out[-3000:]  # no second traceback from a process left waiting
 
 
 def test_generation_killed_and_restarted_loses_and_duplicates_nothing(tiny_job, tmp_path):

@@ -7,6 +7,10 @@ zero from the start. Importable from any test module (`from tiny import tiny_lla
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -89,3 +93,16 @@ def write_prompts(path: Path, n: int = 30) -> Path:
     rows = [{"prompt": f"what is the {words[i % len(words)]} ? say it {i} times ."} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc ARGS`` on CPU (gloo) with a free loopback port; tests/ on the path."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={port}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from distill.distributed import is_main_process, main_process_first
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a large language model into a small one.")
@@ -39,6 +40,8 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "httpcore", "transformers", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not is_main_process():  # under a launcher, one process tells the story; every one still warns
+        logging.getLogger("distill").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -54,7 +57,8 @@ def run(job: JobArg, overrides: Overrides = None) -> None:
     from distill.pipeline import run_job
 
     report = run_job(_job(job, overrides))
-    console.print(f"[bold green]done.[/] report: {report}  (HTML: {report.with_suffix('.html')})")
+    if report is not None:
+        console.print(f"[bold green]done.[/] report: {report}  (HTML: {report.with_suffix('.html')})")
 
 
 @app.command()
@@ -63,31 +67,31 @@ def generate(job: JobArg, overrides: Overrides = None) -> None:
     from distill.pipeline import generate as generate_stage
     from distill.pipeline import prepare
 
-    store = generate_stage(prepare(_job(job, overrides)))
+    with main_process_first():  # under a launcher the others find the answers done
+        store = generate_stage(prepare(_job(job, overrides)))
     console.print(f"[bold green]done.[/] {len(store.done_ids())} answers in {store.path}")
 
 
 @app.command()
 def train(job: JobArg, overrides: Overrides = None) -> None:
     """Generate if needed, then train the student."""
-    from distill.pipeline import generate as generate_stage
-    from distill.pipeline import prepare, split
+    from distill.pipeline import prepare_data
     from distill.pipeline import train as train_stage
 
-    r = prepare(_job(job, overrides))
-    out = train_stage(r, split(r, generate_stage(r)))
-    console.print(f"[bold green]done.[/] student saved in {out}")
+    out = train_stage(*prepare_data(_job(job, overrides)))
+    if is_main_process():
+        console.print(f"[bold green]done.[/] student saved in {out}")
 
 
 @app.command("cache-logits")
 def cache_logits(job: JobArg, overrides: Overrides = None) -> None:
     """Generate if needed, then run the teacher once and cache its top-k log-probs for training."""
     from distill.pipeline import cache_logits as cache_stage
-    from distill.pipeline import generate as generate_stage
-    from distill.pipeline import prepare, split
+    from distill.pipeline import prepare_data
 
-    r = prepare(_job(job, overrides))
-    cache = cache_stage(r, split(r, generate_stage(r)))
+    run, parts = prepare_data(_job(job, overrides))
+    with main_process_first():
+        cache = cache_stage(run, parts)
     console.print(f"[bold green]done.[/] logit cache in {cache.path} ({cache.bytes_per_token} bytes per token)")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.distributed import local_rank
 from distill.errors import DistillError
 from distill.io import atomic_dir
 
@@ -58,7 +59,11 @@ def distill_home() -> Path:
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under a launcher each process trains on its own GPU (the one the Trainer puts the student on).
+        rank = local_rank()
+        return torch.device("cuda" if rank is None else f"cuda:{rank}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DistillError(f"device {device!r} asked for, but no CUDA GPU is visible. Use device: auto or cpu.")
     return torch.device(device)

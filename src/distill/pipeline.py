@@ -30,6 +30,7 @@ from distill.data.formats import load_prompts
 from distill.data.presets import get_preset
 from distill.data.splits import assign_splits, split_records
 from distill.data.store import CompletionStore, record_from
+from distill.distributed import is_main_process, main_process_first, wait_for_everyone
 from distill.errors import DistillError, GateFailed
 from distill.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from distill.models import count_parameters, load_model
@@ -159,6 +160,16 @@ def generate(run: Run) -> CompletionStore:
     return store
 
 
+def prepare_data(job: JobConfig) -> tuple[Run, dict[str, list[dict]]]:
+    """prepare, generate and split: the data every later stage starts from.
+
+    Under a launcher the main process does the work first and the others then reuse it, as a rerun would.
+    """
+    with main_process_first():
+        run = prepare(job)
+        return run, split(run, generate(run))
+
+
 def split(run: Run, store: CompletionStore) -> dict[str, list[dict]]:
     """Filter the teacher's answers and split them by prompt into train / validation / test."""
     job = run.job
@@ -206,7 +217,8 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
         teacher_params = info["teacher_parameters"]
         size += f" (teacher {teacher_params:,}, {100 * info['student_parameters'] / teacher_params:.0f}%)"
     log.info("student: %s%s", size, f"; kept layers {info['kept_layers']}" if "kept_layers" in info else "")
-    atomic_write_json(run.dir / "student_init.json", info)
+    if is_main_process():
+        atomic_write_json(run.dir / "student_init.json", info)
     teacher = run.teacher_model if dist.mode != "sequence" else None
     check_teacher_signal(dist, teacher=teacher is not None, cache=dist.logit_cache and teacher is not None)
     max_len = job.training.max_length
@@ -214,7 +226,8 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
     val_ex = encode_records(tokenizer, parts.get("validation", []), max_len)
     cache, extra = None, []
     if teacher is not None and dist.logit_cache:
-        cache = cache_logits(run, parts, tokenizer)
+        with main_process_first():
+            cache = cache_logits(run, parts, tokenizer)
         # The cache is the teacher signal now: free the teacher's memory for the student's training, and load it
         # again afterwards for the evaluation.
         teacher = run.teacher_model = None
@@ -238,13 +251,15 @@ def train(run: Run, parts: dict[str, list[dict]]) -> Path:
         logit_cache=cache,
     )
     del extra
-    with atomic_dir(out) as tmp:
-        if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    atomic_write_json(run.dir / "training_summary.json", summary)
-    if run.teacher_model is None and job.teacher.backend == "local":
+    if is_main_process():  # every process holds the same weights after DDP training; one writes them
+        with atomic_dir(out) as tmp:
+            if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights
+                model = model.merge_and_unload()
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        atomic_write_json(run.dir / "training_summary.json", summary)
+    wait_for_everyone()  # no process returns before the student is on disk
+    if run.teacher_model is None and job.teacher.backend == "local" and is_main_process():
         del model, student
         gc.collect()
         run.teacher_model, run.teacher_tokenizer = load_model(
@@ -391,8 +406,8 @@ def report(run: Run, metrics: dict) -> Path:
 # --------------------------------------------------------------------------------------------- the job
 
 
-def run_job(job: JobConfig) -> Path:
-    """Run every stage in order; returns the report path."""
+def run_job(job: JobConfig) -> Path | None:
+    """Run every stage in order; returns the report path (None on a launcher's non-main processes)."""
     if job.teacher.backend != "local":  # checked before hours of API generation, not after
         raise DistillError(
             f"distill run: the evaluate stage measures the teacher itself (KL, speed, memory), and teacher.backend: "
@@ -400,10 +415,10 @@ def run_job(job: JobConfig) -> Path:
             "`distill train JOB` (distillation.mode: sequence), then `distill eval --teacher <a local copy of the "
             "teacher> --student runs/NAME/student --data <prompts>`."
         )
-    run = prepare(job)
-    store = generate(run)
-    parts = split(run, store)
+    run, parts = prepare_data(job)
     student_dir = train(run, parts)
+    if not is_main_process():  # under a launcher: the other processes only help train (see distill.distributed)
+        return None
     metrics = evaluate(run, parts, student_dir)
     try:
         return report(run, metrics)

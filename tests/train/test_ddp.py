@@ -6,13 +6,11 @@ same holds with transfer terms (learned projections used outside the wrapper's f
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from tiny import torchrun
 
 SCRIPT = """
 import sys
@@ -60,17 +58,7 @@ print(f"RANK {rank} WEIGHTS {flat.sum().item():.12e} {flat.abs().sum().item():.1
 def test_ddp_training_keeps_the_ranks_in_sync(tmp_path, case):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(port)]
-    done = subprocess.run(
-        [*cmd, str(script), str(tmp_path / "run"), case], capture_output=True, text=True, env=env, timeout=240
-    )
+    done = torchrun([str(script), str(tmp_path / "run"), case], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     weights = sorted(line.split(" WEIGHTS ")[1] for line in done.stdout.splitlines() if " WEIGHTS " in line)
     assert len(weights) == 2, done.stdout

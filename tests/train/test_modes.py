@@ -134,6 +134,32 @@ def test_tied_student_gets_the_same_gradients_with_the_folded_lookup(tiny_tokeni
         torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("shard", ["zero3_placeholder", "dtensor"])
+def test_a_sharded_head_is_refused_with_a_clear_error(tiny_tokenizer, batch, shard):
+    """The fused loss reads the head outside the forward; a shard there must not reach the matmuls."""
+    from distill.errors import DistillError
+
+    teacher, student = tiny_llama(2, 0, tiny_tokenizer), tiny_llama(1, 1, tiny_tokenizer)
+    loss = DistillLoss(KDLossConfig(), [teacher])
+    assert torch.isfinite(loss(student, batch).loss)  # whole weights: fine
+    if shard == "zero3_placeholder":  # what DeepSpeed ZeRO-3 leaves outside the forward
+        student.lm_head.weight = torch.nn.Parameter(torch.empty(0))
+        with pytest.raises(DistillError, match="sharded across processes"):
+            loss(student, batch)
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:  # FSDP's DTensor, on a one-process mesh
+        mesh = init_device_mesh("cpu", (1,))
+        student.lm_head.weight = torch.nn.Parameter(distribute_tensor(student.lm_head.weight.data, mesh, [Shard(0)]))
+        with pytest.raises(DistillError, match="FSDP or DeepSpeed ZeRO-3"):
+            loss(student, batch)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_multi_teacher_loss_is_the_weighted_mixture(tiny_tokenizer, batch):
     student, a, b = tiny_llama(1, 1, tiny_tokenizer), tiny_llama(2, 0, tiny_tokenizer), tiny_llama(2, 5, tiny_tokenizer)
     cfg = KDLossConfig(temperature=2.0, alpha=0.7)

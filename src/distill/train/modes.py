@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import ExtraTeacher, TeacherConfig
+from distill.errors import DistillError
 from distill.losses import KDLossConfig, TiedEmbeddingLookup, kd_loss_from_hidden
 from distill.models import load_model
 from distill.train.data import IGNORE, Collator
@@ -35,7 +36,31 @@ def head_of(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.Tensor, torc
     """(decoder trunk, output-head weight [V, H], bias or None) of a causal LM, PEFT-wrapped or not."""
     base = base_model(model)
     head = base.get_output_embeddings()
+    _check_whole(head.weight, base)
     return base.get_decoder(), head.weight, getattr(head, "bias", None)
+
+
+def _check_whole(weight: torch.Tensor, model: torch.nn.Module) -> None:
+    """Refuse a head weight that is only this process's shard: the fused loss reads the head outside the model's
+    forward, where FSDP (a ``DTensor``) and DeepSpeed ZeRO-3 (an empty placeholder) leave it sharded."""
+    if weight.numel() and not _is_dtensor(weight):
+        return
+    raise DistillError(
+        f"the output head of {type(model).__name__} is sharded across processes (FSDP or DeepSpeed ZeRO-3) when the "
+        "KD loss reads it, which Distill does not support yet; train with DDP (plain torchrun / accelerate launch) "
+        "or DeepSpeed ZeRO-1/2, which keep whole weights on every process"
+    )
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:  # torch 2.4 kept it private
+            from torch.distributed._tensor import DTensor
+        except ImportError:  # a torch built without distributed support
+            return False
+    return isinstance(tensor, DTensor)
 
 
 def final_hidden(
