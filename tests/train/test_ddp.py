@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from distill.config import DistillationConfig, TrainingConfig, TransferPair
+from distill.config import DistillationConfig, LoraConfig, StudentConfig, TrainingConfig, TransferPair
+from distill.student import add_lora
 from distill.train import transfer
 from distill.train.data import encode_records
 from distill.train.trainer import train_student
@@ -28,10 +29,13 @@ case = sys.argv[2]
 tok = make_tokenizer()
 # Different widths under transfer: the cosine pair then trains a projection.
 teacher, student = tiny_llama(2, 0, tok), tiny_llama(1, 1, tok, hidden=32 if case == "transfer" else 64, tied=True)
+if case == "lora":  # a PEFT wrapper under the DDP wrapper; only the adapters train
+    student = add_lora(student, StudentConfig(lora=LoraConfig(r=4, alpha=8, dropout=0.0)))
 examples = encode_records(tok, qa_records(24), 64)
 training = TrainingConfig(max_steps=3, batch_size=4, save_every=100, eval_every=100, learning_rate=1e-2)
 dist = {
     "logit": DistillationConfig(alpha=0.5),
+    "lora": DistillationConfig(alpha=0.5),
     "transfer": DistillationConfig(
         alpha=0.5, transfer=[TransferPair(teacher=1, student=0), TransferPair(teacher=0, student=0, loss="attention")]
     ),
@@ -54,7 +58,7 @@ print(f"RANK {rank} WEIGHTS {flat.sum().item():.12e} {flat.abs().sum().item():.1
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, as in CI")
-@pytest.mark.parametrize("case", ["logit", "transfer", "on_policy"])
+@pytest.mark.parametrize("case", ["logit", "transfer", "on_policy", "lora"])
 def test_ddp_training_keeps_the_ranks_in_sync(tmp_path, case):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
