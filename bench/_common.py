@@ -22,6 +22,7 @@ and inputs are loaded and before the measured work, so the figure is what the me
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -31,7 +32,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -59,6 +60,21 @@ def use_threads(n: int | None) -> None:
     if n:
         os.environ["OMP_NUM_THREADS"] = str(n)
         torch.set_num_threads(n)
+
+
+def case_main(description: str, main: Callable[[int], None], child: Callable[[str], None]) -> None:
+    """The command line of a bench script whose cases run in their own processes (see :func:`run_cases`): no
+    arguments runs them all and prints the table; ``--case NAME`` is one case's process."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of every case, interleaved; the best counts")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core); 1 on a busy machine")
+    parser.add_argument("--case", help="run one measured case (internal)")
+    args = parser.parse_args()
+    if args.case:
+        child(args.case)
+    else:
+        use_threads(args.threads)
+        main(args.repeats)
 
 
 def device_name() -> str:

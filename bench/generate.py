@@ -35,7 +35,6 @@ The last line printed holds the headline figures: ``speedup`` (ours at batch 16 
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 
@@ -47,6 +46,7 @@ from _common import (
     PeakMemory,
     Stopwatch,
     best,
+    case_main,
     device_name,
     emit_case,
     load_average,
@@ -54,7 +54,6 @@ from _common import (
     print_table,
     run_cases,
     summary_line,
-    use_threads,
 )
 from distill.models import load_model
 from distill.teachers.base import GenerationParams, Prompt
@@ -185,13 +184,4 @@ def main(repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of every case, interleaved; the best counts")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core); 1 on a busy machine")
-    parser.add_argument("--case", help="run one measured case (internal)")
-    args = parser.parse_args()
-    if args.case:
-        child(args.case)
-    else:
-        use_threads(args.threads)
-        main(args.repeats)
+    case_main(__doc__.splitlines()[0], main, child)

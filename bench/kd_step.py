@@ -55,7 +55,6 @@ The last line printed holds the headline figures: ``speedup`` (TRL step time / o
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
 import json
@@ -73,6 +72,7 @@ from _common import (
     TEACHER,
     PeakMemory,
     best,
+    case_main,
     device_name,
     emit_case,
     load_average,
@@ -82,7 +82,6 @@ from _common import (
     run_cases,
     summary_line,
     synchronize,
-    use_threads,
 )
 from distill.config import DistillationConfig, TrainingConfig
 from distill.models import load_model
@@ -376,13 +375,4 @@ def main(repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of every case, interleaved; the best counts")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core); 1 on a busy machine")
-    parser.add_argument("--case", help="run one measured case (internal)")
-    args = parser.parse_args()
-    if args.case:
-        child(args.case)
-    else:
-        use_threads(args.threads)
-        main(args.repeats)
+    case_main(__doc__.splitlines()[0], main, child)
