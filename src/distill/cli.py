@@ -69,7 +69,8 @@ def generate(job: JobArg, overrides: Overrides = None) -> None:
 
     with main_process_first():  # under a launcher the others find the answers done
         store = generate_stage(prepare(_job(job, overrides)))
-    console.print(f"[bold green]done.[/] {len(store.done_ids())} answers in {store.path}")
+    if is_main_process():
+        console.print(f"[bold green]done.[/] {len(store.done_ids())} answers in {store.path}")
 
 
 @app.command()
@@ -92,7 +93,8 @@ def cache_logits(job: JobArg, overrides: Overrides = None) -> None:
     run, parts = prepare_data(_job(job, overrides))
     with main_process_first():
         cache = cache_stage(run, parts)
-    console.print(f"[bold green]done.[/] logit cache in {cache.path} ({cache.bytes_per_token} bytes per token)")
+    if is_main_process():
+        console.print(f"[bold green]done.[/] logit cache in {cache.path} ({cache.bytes_per_token} bytes per token)")
 
 
 @app.command("eval")

@@ -1,4 +1,4 @@
-"""Running under a launcher (``torchrun``, ``accelerate launch``): which process does what.
+"""Running under a launcher (``torchrun``, or anything that sets its ``RANK``/``WORLD_SIZE``): which process does what.
 
 Training is data-parallel (DDP through `transformers.Trainer`); every other stage is one process's work. The
 launcher starts the same command in every process, so the stages around training follow one rule: the main
