@@ -6,7 +6,10 @@ same holds with transfer terms (learned projections used outside the wrapper's f
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +79,45 @@ def test_ddp_training_keeps_the_ranks_in_sync(tmp_path, case):
         transfer_terms = sum(v for k, v in r.items() if k.startswith("transfer/"))
         assert r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"] + transfer_terms, rel=1e-4)
         assert (transfer_terms > 0) == (case == "transfer")
+
+
+EQUIVALENCE = """
+import json
+import sys
+from pathlib import Path
+
+from distill.config import DistillationConfig, TrainingConfig
+from distill.train.data import encode_records
+from distill.train.trainer import train_student
+from tiny import make_tokenizer, qa_records, tiny_llama
+
+out, batch, accumulation = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+tok = make_tokenizer()
+teacher, student = tiny_llama(2, 0, tok), tiny_llama(1, 1, tok, tied=True)
+examples = encode_records(tok, qa_records(12), 64)  # one step sees all 12, however they are split
+training = TrainingConfig(
+    max_steps=1, batch_size=batch, gradient_accumulation_steps=accumulation, warmup_ratio=0.0, save_every=100,
+    eval_every=100,
+)
+train_student(student, tok, teacher, examples, [], training, DistillationConfig(alpha=0.5, temperature=2.0), out)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, as in CI")
+def test_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
+    """2 processes x 3 examples x 2 accumulation steps = 1 process x 12 examples: same loss, same gradient.
+
+    The loss is normalised by the tokens of the whole step on all processes, and DDP averages the gradients;
+    a missing or doubled world-size factor, or a per-micro-batch normalisation, changes the gradient norm.
+    """
+    script = tmp_path / "equivalence.py"
+    script.write_text(EQUIVALENCE)
+    done = torchrun([str(script), str(tmp_path / "ddp"), "3", "2"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, str(script), str(tmp_path / "one"), "12", "1"]
+    done = subprocess.run(single, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp, one = (json.loads((tmp_path / d / "training_log.jsonl").read_text().splitlines()[0]) for d in ("ddp", "one"))
+    for key in ("loss", "kd", "ce", "grad_norm"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-4), key
