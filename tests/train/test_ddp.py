@@ -87,11 +87,13 @@ import sys
 from pathlib import Path
 
 from distill.config import DistillationConfig, TrainingConfig
+from distill.distributed import main_process_first
+from distill.logit_cache import LogitCache, build_logit_cache, cache_settings
 from distill.train.data import encode_records
 from distill.train.trainer import train_student
 from tiny import make_tokenizer, qa_records, tiny_llama
 
-out, batch, accumulation = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+out, batch, accumulation, signal = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 tok = make_tokenizer()
 teacher, student = tiny_llama(2, 0, tok), tiny_llama(1, 1, tok, tied=True)
 examples = encode_records(tok, qa_records(12), 64)  # one step sees all 12, however they are split
@@ -99,23 +101,36 @@ training = TrainingConfig(
     max_steps=1, batch_size=batch, gradient_accumulation_steps=accumulation, warmup_ratio=0.0, save_every=100,
     eval_every=100,
 )
-train_student(student, tok, teacher, examples, [], training, DistillationConfig(alpha=0.5, temperature=2.0), out)
+dist = DistillationConfig(alpha=0.5, temperature=2.0, logit_cache=signal == "cache")
+cache = {}
+if signal == "cache":  # each process looks its examples' rows up in one cache
+    with main_process_first():
+        settings = cache_settings(tok, {"train": examples}, 16, [{"model": "tiny", "weight": 1.0}])
+        path = out.parent / (out.name + "-cache")
+        if (path / "cache.json").is_file():
+            cache = {"logit_cache": LogitCache.open(path, settings)}
+        else:
+            cache = {"logit_cache": build_logit_cache(path, [(teacher, 1.0)], {"train": examples}, settings)}
+    teacher = None
+train_student(student, tok, teacher, examples, [], training, dist, out, **cache)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, as in CI")
-def test_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("signal", ["live", "cache"])
+def test_ddp_step_equals_one_process_on_the_whole_batch(tmp_path, signal):
     """2 processes x 3 examples x 2 accumulation steps = 1 process x 12 examples: same loss, same gradient.
 
     The loss is normalised by the tokens of the whole step on all processes, and DDP averages the gradients;
-    a missing or doubled world-size factor, or a per-micro-batch normalisation, changes the gradient norm.
+    a missing or doubled world-size factor, or a per-micro-batch normalisation, changes the gradient norm. With
+    the logit cache, each process must also find its own examples' rows.
     """
     script = tmp_path / "equivalence.py"
     script.write_text(EQUIVALENCE)
-    done = torchrun([str(script), str(tmp_path / "ddp"), "3", "2"], cwd=tmp_path)
+    done = torchrun([str(script), str(tmp_path / "ddp"), "3", "2", signal], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, str(script), str(tmp_path / "one"), "12", "1"]
+    single = [sys.executable, str(script), str(tmp_path / "one"), "12", "1", signal]
     done = subprocess.run(single, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp, one = (json.loads((tmp_path / d / "training_log.jsonl").read_text().splitlines()[0]) for d in ("ddp", "one"))
