@@ -256,6 +256,11 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine")
     max_length: int = Field(256, gt=8, description="Longest training sequence (prompt + answer), in tokens.")
+    group_by_length: bool = Field(
+        True,
+        description="Batch sequences of similar length (transformers' LengthGroupedSampler): less padding, so less "
+        "teacher and student compute per step. `false`: plain random batches.",
+    )
     eval_every: int = Field(25, gt=0, description="Validation loss every N steps.")
     save_every: int = Field(50, gt=0, description="Checkpoint every N steps (for resume).")
     early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evaluations without progress.")

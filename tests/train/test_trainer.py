@@ -127,3 +127,33 @@ def test_balance_warning_names_the_outweighed_term(tmp_path, caplog):
     caplog.clear()
     logger.on_log(None, state, None, logs={"loss": 1.0, "kd": 1.0, "ce": 1.5})
     assert "outweighs" not in caplog.text
+
+
+def test_length_grouped_batches_carry_less_padding(tmp_path, tiny_tokenizer, monkeypatch):
+    answer = "the sky is blue on a clear day and a cat has four legs and a tail ."
+    records = [  # answers of 1 to 16 words
+        {"messages": [{"role": "user", "content": "what is two ?"}], "completion": answer.rsplit(" ", 16 - i % 16)[0]}
+        for i in range(48)
+    ]
+    examples = encode_records(tiny_tokenizer, records, 64)
+    masks: list[torch.Tensor] = []
+    call = DistillLoss.__call__
+
+    def record(self, model, inputs, num_items=None):
+        masks.append(inputs["attention_mask"])
+        return call(self, model, inputs, num_items)
+
+    monkeypatch.setattr(DistillLoss, "__call__", record)
+
+    def padding(grouped: bool) -> float:
+        masks.clear()
+        training = TrainingConfig(max_steps=12, batch_size=4, eval_every=100, save_every=100, group_by_length=grouped)
+        student, teacher = tiny_llama(1, 1, tiny_tokenizer), tiny_llama(2, 0, tiny_tokenizer)
+        train_student(
+            student, tiny_tokenizer, teacher, examples, [], training, DistillationConfig(), tmp_path / str(grouped)
+        )
+        assert len(masks) == 12  # one epoch: every example once
+        return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    grouped, random = padding(True), padding(False)
+    assert grouped < 0.6 * random, (grouped, random)  # measured: 0.09 against 0.23
