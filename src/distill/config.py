@@ -257,9 +257,9 @@ class TrainingConfig(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine")
     max_length: int = Field(256, gt=8, description="Longest training sequence (prompt + answer), in tokens.")
     group_by_length: bool = Field(
-        True,
+        False,
         description="Batch sequences of similar length (transformers' LengthGroupedSampler): less padding, so less "
-        "teacher and student compute per step. `false`: plain random batches.",
+        "teacher and student compute per step, for data whose lengths vary a lot. Batches are then less random.",
     )
     eval_every: int = Field(25, gt=0, description="Validation loss every N steps.")
     save_every: int = Field(50, gt=0, description="Checkpoint every N steps (for resume).")

@@ -261,8 +261,8 @@ def training_arguments(cfg: TrainingConfig, out_dir: Path, has_validation: bool)
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
-        # Random batches of the quickstart's answers are 16% padding, length-grouped ones 3%; padding costs
-        # a teacher forward and a student forward and backward like any token.
+        # Padding costs a teacher forward and a student forward and backward like any token: random batches of the
+        # quickstart's answers are 16% padding, length-grouped ones 3% (off by default: docs/benchmarks.md, Demo).
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
