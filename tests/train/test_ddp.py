@@ -1,7 +1,8 @@
 """Two CPU processes (torchrun, gloo): the Trainer's DDP wraps the student, and the loss must run the student's
 forward through the wrapper or DDP never averages the gradients. Equal weights on both ranks after training on
 different data shards show that it does; the training log is written once, with the terms of both ranks. The
-same holds with transfer terms (learned projections used outside the wrapper's forward) and on-policy batches."""
+same holds with transfer terms (learned projections used outside the wrapper's forward), on-policy batches and a
+LoRA student. And a step on 2 processes has the loss and gradient of one process on the whole batch."""
 
 from __future__ import annotations
 
@@ -82,7 +83,6 @@ def test_ddp_training_keeps_the_ranks_in_sync(tmp_path, case):
 
 
 EQUIVALENCE = """
-import json
 import sys
 from pathlib import Path
 
