@@ -47,7 +47,7 @@ def _check_whole(weight: torch.Tensor, model: torch.nn.Module) -> None:
         return
     raise DistillError(
         f"the output head of {type(model).__name__} is sharded across processes (FSDP or DeepSpeed ZeRO-3) when the "
-        "KD loss reads it, which Distill does not support yet; train with DDP (plain torchrun / accelerate launch) "
+        "KD loss reads it, which Distill does not support yet; train with DDP (`torchrun -m distill ...`) "
         "or DeepSpeed ZeRO-1/2, which keep whole weights on every process"
     )
 
